@@ -1,0 +1,23 @@
+"""ComfyUI nodes of the TDD pack: thin V3 nodes over tdd_core, one file per feature."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .guidance import TDDGuidance
+from .lora_loader import TDDLoraLoader
+from .registration import register_host_names
+from .sampler import TDDSampler
+from .scheduler import TDDScheduler
+from .x0_clip import TDDX0Clip
+
+NODES: list[type[io.ComfyNode]] = [TDDScheduler, TDDSampler, TDDGuidance, TDDX0Clip, TDDLoraLoader]
+
+
+class TDDExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> TDDExtension:
+    register_host_names()
+    return TDDExtension()
