@@ -1,0 +1,183 @@
+"""Training configuration: one dataclass, filled from defaults < TOML file (``--config``) < flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("tdd", "tcd", "lcm")
+LOSSES = ("huber", "l2")
+SCHEDULES = ("constant", "warmup", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # inputs / outputs
+    teacher: str | None = None          # single-file checkpoint, or "module:function" / "file.py:function" factory
+    data: str | None = None             # image folder with .txt captions, or a .jsonl of {path, caption}
+    out: str = "tdd_lora.safetensors"
+    run_dir: str | None = None          # checkpoints, logs, validation images (default: <out stem>_run)
+    resume: str | None = None
+    # algorithm (spec section 5)
+    method: str = "tdd"
+    kmin: int = 4
+    kmax: int = 8
+    eta_max: float = 0.3
+    empty_prompt_prob: float = 0.2
+    teacher_guidance: float = 3.5
+    loss: str = "huber"
+    huber_c: float = 0.001
+    rank: int = 64
+    alpha: float = 8.0
+    # optimisation
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 1                 # per process, per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 1000
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # data
+    resolution: int | None = None       # default: the architecture's native size
+    cache_dir: str | None = None
+    num_workers: int = 2
+    # bookkeeping
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_seed: int = 0
+    log_every: int = 1
+    save_dtype: str = "fp16"
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg):
+            raise ConfigError(msg)
+        if not self.teacher:
+            bad("no teacher: pass --teacher path/to/model.safetensors (an SD1.5, SD2.x or SDXL checkpoint)")
+        if not self.data:
+            bad("no training data: pass --data DIR (images with same-named .txt captions) or --data file.jsonl")
+        if self.method not in METHODS:
+            bad(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.loss not in LOSSES:
+            bad(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.lr_schedule not in SCHEDULES:
+            bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            bad(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.save_dtype not in ("fp16", "bf16", "fp32"):
+            bad(f"--save-dtype must be fp16, bf16 or fp32, got {self.save_dtype!r}")
+        if not (1 <= self.kmin <= self.kmax <= 50):
+            bad(f"need 1 <= --kmin <= --kmax <= 50, got kmin={self.kmin} kmax={self.kmax}")
+        if not 0.0 <= self.eta_max <= 1.0:
+            bad(f"--eta-max must be in [0, 1] (reference 0.3), got {self.eta_max}")
+        if not 0.0 <= self.empty_prompt_prob <= 1.0:
+            bad(f"--empty-prompt-prob must be in [0, 1], got {self.empty_prompt_prob}")
+        for name in ("rank", "batch_size", "grad_accum", "max_steps", "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            bad(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.lr <= 0:
+            bad(f"--lr must be > 0, got {self.lr}")
+        return self
+
+    def fingerprint_fields(self, world_size: int, dataset_id: str, teacher_id: str) -> dict:
+        """Settings that change the training trajectory: a resumed run must match them all."""
+        fields = {k: getattr(self, k) for k in (
+            "method", "kmin", "kmax", "eta_max", "empty_prompt_prob", "teacher_guidance", "loss", "huber_c", "rank",
+            "alpha", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+            "grad_clip", "seed", "resolution")}
+        fields["global_batch"] = self.batch_size * self.grad_accum * world_size
+        if self.lr_schedule == "cosine":
+            fields["max_steps"] = self.max_steps
+        fields["dataset"] = dataset_id
+        fields["teacher"] = teacher_id
+        return fields
+
+
+def fingerprint(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distill.py",
+        description="Distil an SD1.5/SD2.x/SDXL checkpoint into a Target-Driven Distillation (TDD) LoRA. "
+                    "Flags override the TOML --config file, which overrides the defaults.",
+        argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="TOML file with any of the settings below (names with - or _)")
+    helps = {
+        "teacher": "teacher checkpoint (.safetensors/.ckpt), or a factory 'module:function' returning (model, clip, vae)",
+        "data": "folder of images with same-named .txt captions, or a .jsonl of {\"path\", \"caption\"}",
+        "out": "output LoRA file (default tdd_lora.safetensors)",
+        "run_dir": "folder for checkpoints, log.csv and validation grids (default: <out>_run)",
+        "resume": "continue from a run folder or one of its checkpoint-NNNNNN folders",
+        "method": "target selection: tdd (default), tcd, lcm",
+        "eta_max": "largest target shrink (s = floor((1 - u*eta_max) * tau)); reference 0.3",
+        "teacher_guidance": "teacher guidance w (LCM convention, eps_c + w (eps_c - eps_u)); reference 3.5",
+        "resolution": "training resolution (default: 512 SD1.5/SD2 base, 768 SD2 v, 1024 SDXL)",
+        "cache_dir": "cache VAE latents and text embeddings here (computed once, reused by later runs)",
+        "precision": "autocast precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16",
+        "validate_every": "write a 4- and 8-step validation grid every N steps (0: never)",
+        "validation_prompts": "validation prompt (repeat the flag for several; default: first dataset captions)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        name, flag, h = f.name, _flag(f.name), helps.get(f.name)
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=h)
+        elif name == "validation_prompts":
+            p.add_argument(flag, "--validation-prompt", dest=name, action="append", help=h)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            choices = {"method": METHODS, "loss": LOSSES, "lr_schedule": SCHEDULES, "precision": PRECISIONS}.get(name)
+            p.add_argument(flag, dest=name, type=kind, choices=choices, help=h)
+    return p
+
+
+def load_toml(path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown setting {key!r} in {path}; see distill.py --help for the names")
+        out[name] = value
+    return out
+
+
+def parse_args(argv=None) -> TrainConfig:
+    ns = vars(build_parser().parse_args(argv))
+    values = load_toml(ns.pop("config")) if "config" in ns else {}
+    values.update(ns)
+    return TrainConfig(**values).validate()

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Target-Driven Distillation trainer: ``python trainer/distill.py --teacher model.safetensors
+--data DIR --out tdd_lora.safetensors [options]``, or ``torchrun --nproc_per_node N trainer/distill.py ...``.
+
+See ``docs/trainer.md``. Programmatic use::
+
+    from trainer.distill import main, train
+    from trainer.config import TrainConfig
+    train(TrainConfig(data="imgs/", out="x.safetensors", max_steps=10), components=(model, clip, vae))
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo (trainer/, tdd_core/) importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer.checkpoint import ResumeError  # noqa: E402
+from trainer.config import ConfigError, TrainConfig, parse_args  # noqa: E402
+from trainer.data import DataError  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.models import TeacherError  # noqa: E402
+
+log = logging.getLogger("trainer")
+
+__all__ = ["main", "train", "TrainConfig"]
+
+USER_ERRORS = (ConfigError, TeacherError, DataError, ResumeError)
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv=None, components=None) -> int:
+    """CLI entry point; returns the exit status (0 done or cleanly interrupted, 2 bad input)."""
+    _setup_logging()
+    try:
+        cfg = parse_args(argv)
+        result = train(cfg, components=components)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        return 2
+    log.info("%s at step %d", result["status"], result["step"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Validation grids: the student sampled with tdd_core's TDD sampler at 4 and 8 steps."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tdd_core import VarianceExploding, default_noise_sampler, sample_tdd, tdd_timesteps
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_images(teacher, cond, shape, steps: int, seed: int, eta: float = 0.2) -> torch.Tensor:
+    """Images [B, H, W, 3] from the (LoRA-on) model with ``steps`` TDD steps, guidance 1."""
+    sigma_table = teacher.sigmas
+    sigmas = torch.cat([sigma_table[tdd_timesteps(steps)], sigma_table.new_zeros(1)]).to(teacher.device)
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(shape, generator=gen).to(teacher.device)
+    x = noise * (1.0 + sigmas[0] ** 2).sqrt()  # ComfyUI's full-denoise noise scaling for eps/v models
+    x0 = sample_tdd(teacher.denoiser(cond), x, sigmas, eta=eta, disable=True,
+                    noise_sampler=default_noise_sampler(x, seed=int(seed) + 1),
+                    space=VarianceExploding(sigma_table.to(teacher.device)))
+    return teacher.decode(x0)
+
+
+def write_grid(teacher, conds: list, latent_shape, path, seed: int = 0, steps=(4, 8), eta: float = 0.2) -> Path:
+    """PNG grid: one row per step count, one column per prompt (same seed per column)."""
+    from PIL import Image
+
+    rows = []
+    for k in steps:
+        row = [sample_images(teacher, c, (1, *latent_shape), k, seed + j, eta)[0] for j, c in enumerate(conds)]
+        rows.append(torch.cat(row, dim=1))
+    grid = torch.cat(rows, dim=0)
+    img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    log.info("validation grid (%s steps) -> %s", "/".join(map(str, steps)), path)
+    return path
