@@ -30,6 +30,10 @@ if [ ! -f "$stamp" ]; then
   pip install pytest
   touch "$stamp"
 fi
+# ComfyUI's "non essential" requirement for its upscale-model nodes (else they log IMPORT FAILED).
+if ! "$VENV/bin/python" -c "import spandrel" 2>/dev/null; then
+  pip install --no-deps spandrel
+fi
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
   COMFYUI_PATH="$host_dir/ComfyUI"

@@ -1,0 +1,26 @@
+# Development host for the TDD pack: a venv with the pinned ComfyUI 0.3.75 (scripts/bootstrap.sh).
+#   make env    build .venv/ and .host/ComfyUI (idempotent; COMFYUI_PATH=... uses another ComfyUI)
+#   make test   env, then the test suite (PYTEST_ARGS='-m "not server"' skips the server tests)
+#   make run    env, then ComfyUI with this pack on http://127.0.0.1:$(PORT) (base dir .host/base);
+#               WITH_TEST_NODES=1 also installs the test-only tiny model node (TDDTestTinyModel)
+PORT ?= 8188
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+WITH_TEST_NODES ?=
+
+.PHONY: env test run
+
+env:
+	bash scripts/bootstrap.sh
+
+test: env
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+run:
+	@set -e; comfy="$$(bash scripts/bootstrap.sh)"; base="$(CURDIR)/.host/base"; \
+	mkdir -p "$$base/models/loras" "$$base/models/checkpoints" "$$base/input" "$$base/output" "$$base/user"; \
+	if [ -n "$(WITH_TEST_NODES)" ]; then ln -sfn "$(CURDIR)/tests/tdd_test_nodes" "$$base/custom_nodes/tdd_test_nodes"; \
+	else rm -f "$$base/custom_nodes/tdd_test_nodes"; fi; \
+	echo "ComfyUI with the TDD pack: http://127.0.0.1:$(PORT)"; \
+	cd "$$comfy" && exec "$(CURDIR)/$(PY)" main.py --cpu --listen 127.0.0.1 --port $(PORT) --base-directory "$$base" \
+	  --database-url "sqlite:///$$base/user/comfyui.db"

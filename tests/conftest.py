@@ -1,0 +1,70 @@
+"""Session fixtures: a real ComfyUI host (in-process and as a server) with this pack and the
+test-only pack ``tdd_test_nodes`` installed in a temporary base directory.
+
+Fixtures (all session-scoped):
+  comfy_base  Path of the base directory (custom_nodes/, models/loras, input/, output/, user/)
+  host        ComfyUI's ``nodes`` module, loaded in this process with that base directory
+  tiny        the ``tdd_test_nodes.tiny`` module (build_tiny_sd15, write_kohya_lora, ...)
+  lora_files  {"good": Path, "sdxl": Path, "corrupt": Path} in comfy_base/models/loras
+  server      a started harness.ComfyServer on that base directory (marker ``server``)
+
+Tests that use ``server`` are marked ``server`` automatically: ``pytest -m "not server"`` skips them.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+GOOD_LORA = "tiny_tdd.safetensors"
+SDXL_LORA = "sdxl_other.safetensors"
+CORRUPT_LORA = "corrupt.safetensors"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    base = os.environ.get("TDD_TEST_BASE_DIR")
+    return harness.make_base_dir(base if base else tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def host(comfy_base):
+    return harness.inprocess_host(comfy_base)
+
+
+@pytest.fixture(scope="session")
+def tiny(host):
+    return importlib.import_module("tdd_test_nodes.tiny")
+
+
+@pytest.fixture(scope="session")
+def lora_files(comfy_base, tiny) -> dict:
+    loras = comfy_base / "models" / "loras"
+    model = tiny.build_tiny_unet(0)
+    files = {"good": loras / GOOD_LORA, "sdxl": loras / SDXL_LORA, "corrupt": loras / CORRUPT_LORA}
+    tiny.write_kohya_lora(files["good"], model, rank=4, seed=0)
+    tiny.write_foreign_lora(files["sdxl"], kind="sdxl")
+    tiny.write_corrupt_file(files["corrupt"])
+    return files
+
+
+@pytest.fixture(scope="session")
+def server(comfy_base, lora_files):
+    srv = harness.ComfyServer(comfy_base)
+    srv.start(timeout=float(os.environ.get("TDD_SERVER_START_TIMEOUT", "180")))
+    try:
+        yield srv
+    finally:
+        srv.stop()
