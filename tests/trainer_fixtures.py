@@ -78,3 +78,96 @@ def tiny_args(data, tmp, *extra) -> list[str]:
             "--out", str(tmp / "lora.safetensors"), "--run-dir", str(tmp / "run"), "--resolution", str(RESOLUTION),
             "--rank", "4", "--alpha", "2", "--lr", "1e-3", "--max-steps", "2", "--batch-size", "2",
             "--device", "cpu", "--no-progress", "--num-workers", "0", *map(str, extra)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Full-size architectures without weights (meta device), for key-mapping tests
+# ------------------------------------------------------------------------------------------------
+_COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,
+           "use_temporal_resblock": False}
+FULL_UNET_CONFIGS = {
+    "sd15": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_linear_in_transformer": False,
+             "context_dim": 768, "num_heads": 8},
+    "sd2x": {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_linear_in_transformer": True,
+             "context_dim": 1024, "num_head_channels": 64},
+    "sdxl": {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
+             "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
+             "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+}
+
+
+def meta_model(arch: str):
+    """A full-size ``comfy.model_base`` model of ``arch`` on the meta device (host classes, no weights)."""
+    import torch
+
+    ensure_host("cpu")
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(FULL_UNET_CONFIGS[arch]))
+    assert config is not None, arch
+    config.set_inference_dtype(torch.float32, None)
+    return config.get_model({}, "model.", device=torch.device("meta"))
+
+
+def meta_flux():
+    """A (shrunken) FLUX model on the meta device: a flow-matching architecture."""
+    import torch
+
+    ensure_host("cpu")
+    import comfy.supported_models
+
+    unet_config = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+                   "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+                   "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
+                   "guidance_embed": True}
+    config = comfy.supported_models.Flux(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    return config.get_model({}, "model.", device=torch.device("meta"))
+
+
+def tiny_sd2v(seed: int = 0):
+    """The tiny UNet as an SD2.x v-prediction model (host SD20 config + BaseModel(V_PREDICTION)), tiny CLIP/VAE."""
+    import torch
+
+    tiny = tiny_module()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = dict(tiny.TINY_UNET_CONFIG, use_linear_in_transformer=True)
+    config = comfy.supported_models.SD20(unet_config)
+    config.unet_config["num_heads"], config.unet_config["num_head_channels"] = tiny.TINY_NUM_HEADS, -1
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION,
+                                       device=torch.device("cpu"))
+    tiny.seeded_init_(model.diffusion_model, seed)
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return patcher, tiny.build_tiny_clip(seed), tiny.build_tiny_vae(seed)
+
+
+def tiny_sdxl(seed: int = 0):
+    """The tiny UNet as an SDXL-class model (ADM conditioning from pooled text + sizes), tiny CLIP/VAE."""
+    import torch
+
+    tiny = tiny_module()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    pooled_dim = tiny.CONTEXT_DIM
+    unet_config = dict(tiny.TINY_UNET_CONFIG, use_linear_in_transformer=True, num_classes="sequential",
+                       adm_in_channels=pooled_dim + 6 * 256)
+    config = comfy.supported_models.SDXL(unet_config)
+    config.unet_config["num_heads"], config.unet_config["num_head_channels"] = tiny.TINY_NUM_HEADS, -1
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "model.", device=torch.device("cpu"))
+    tiny.seeded_init_(model.diffusion_model, seed)
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return patcher, tiny.build_tiny_clip(seed), tiny.build_tiny_vae(seed)

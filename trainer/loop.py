@@ -208,6 +208,9 @@ def _train(cfg: TrainConfig, components, ddp: Dist) -> dict:
     global_batch = fields["global_batch"]
 
     step = 0
+    if not cfg.resume and main and (run_dir / "latest").is_file():
+        log.warning("%s holds checkpoints of an earlier run; this fresh run will replace them "
+                    "(pass --resume %s to continue that run instead)", run_dir, run_dir)
     if cfg.resume:
         ckpt, lora_sd, state = checkpoint.load(cfg.resume, fp, fields)
         network.load_kohya_state_dict(lora_sd)

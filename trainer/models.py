@@ -106,6 +106,25 @@ def model_fingerprint(module: torch.nn.Module, samples: int = 32) -> str:
     return h.hexdigest()[:16]
 
 
+def lora_targets(model) -> dict[str, torch.nn.Module]:
+    """kohya prefix -> UNet layer of a ``comfy.model_base.BaseModel``, for the spec's module set
+    (section 5.9), through ComfyUI's own diffusers<->ldm key map (``comfy.utils.unet_to_diffusers``).
+    Works on a meta-device model (only names and layer types are read)."""
+    import comfy.utils
+
+    unet, out = model.diffusion_model, {}
+    for dkey, ldm_key in comfy.utils.unet_to_diffusers(model.model_config.unet_config).items():
+        if not LORA_TARGET_RE.search("." + dkey):
+            continue
+        try:
+            module = unet.get_submodule(ldm_key[: -len(".weight")])
+        except AttributeError:
+            continue
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            out["lora_unet_" + dkey[: -len(".weight")].replace(".", "_")] = module
+    return out
+
+
 class Teacher:
     """The host's MODEL/CLIP/VAE triple as the trainer sees it."""
 
@@ -150,20 +169,7 @@ class Teacher:
 
     # ---- LoRA targets ------------------------------------------------------------------------
     def lora_targets(self) -> dict[str, torch.nn.Module]:
-        """kohya prefix -> UNet layer, for the spec's module set, via ComfyUI's own key map."""
-        import comfy.utils
-
-        out = {}
-        for dkey, ldm_key in comfy.utils.unet_to_diffusers(self.model.model_config.unet_config).items():
-            if not LORA_TARGET_RE.search("." + dkey):
-                continue
-            try:
-                module = self.unet.get_submodule(ldm_key[: -len(".weight")])
-            except AttributeError:
-                continue
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                out["lora_unet_" + dkey[: -len(".weight")].replace(".", "_")] = module
-        return out
+        return lora_targets(self.model)
 
     def checkpoint_blocks(self) -> list[torch.nn.Module]:
         u = self.unet
