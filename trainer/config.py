@@ -106,6 +106,10 @@ class TrainConfig:
             "method", "kmin", "kmax", "eta_max", "empty_prompt_prob", "teacher_guidance", "loss", "huber_c", "rank",
             "alpha", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
             "grad_clip", "seed", "resolution")}
+        for k, v in fields.items():  # 2 and 2.0 (TOML/flags/Python) are the same setting
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("kmin", "kmax", "rank", "seed",
+                                                                                     "warmup_steps", "resolution"):
+                fields[k] = float(v)
         fields["global_batch"] = self.batch_size * self.grad_accum * world_size
         if self.lr_schedule == "cosine":
             fields["max_steps"] = self.max_steps
