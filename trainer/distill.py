@@ -14,8 +14,10 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repo (trainer/, tdd_core/) importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: import as the package trainer, from the repo root
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]  # no top-level 'data', 'models', ...
+    sys.path.insert(0, os.path.dirname(_here))
 
 from trainer.checkpoint import ResumeError  # noqa: E402
 from trainer.config import ConfigError, TrainConfig, parse_args  # noqa: E402

@@ -183,13 +183,13 @@ def _train(cfg: TrainConfig, components, ddp: Dist) -> dict:
     precision = resolve_precision(cfg, device)
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
     teacher = _as_teacher(components, cfg, DTYPES[precision], device).to(device)
     resolution = cfg.resolution or teacher.native_resolution
     out_path = Path(cfg.out)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else out_path.with_name(out_path.stem + "_run")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    items, bad = data.scan(cfg.data)
     td = data.TrainData(items, teacher, resolution, cfg.cache_dir, cfg.num_workers, skipped=len(bad))
     if main:
         log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
