@@ -109,7 +109,7 @@ def test_resume_continues_exactly(tiny, images, tmp_path):
 
 def test_grad_accumulation_matches_bigger_batch(tiny, images, tmp_path):
     big = train(cfg(images, tmp_path / "a", batch_size=2, grad_accum=1), components=tiny)
-    acc = train(cfg(images, tmp_path / "b", batch_size=1, grad_accum=2), components=tiny)
+    acc = train(cfg(images, tmp_path / "b", batch_size=1, grad_accum=2, num_workers=2), components=tiny)
     assert torch.allclose(torch.tensor(big["losses"]), torch.tensor(acc["losses"]), rtol=1e-4, atol=1e-7)
 
 
@@ -162,6 +162,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(images, tmp_path, tiny):
     r = train(cfg(images, tmp_path, max_steps=step + 1, batch_size=1, save_every=10000,
                   resume=str(tmp_path / "run")), components=tiny)
     assert r["status"] == "done" and r["step"] == step + 1 and len(r["losses"]) == 1
+    assert [int(x["step"]) for x in read_log(tmp_path / "run")] == list(range(1, step + 2))  # no duplicate rows
 
 
 def test_jsonl_cache_and_undecodable_images(tiny, tmp_path):

@@ -116,11 +116,20 @@ class _StopFlag:
 class _Log:
     FIELDS = ["step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"]
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
         self.path = run_dir / "log.csv"
+        if self.path.exists():  # a fresh run starts a fresh log; a resumed one drops rows after its checkpoint
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if start_step and int(r["step"]) <= start_step]
+            tmp = self.path.with_name("log.csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.path)
         new = not self.path.exists()
         self.f = open(self.path, "a", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS)
@@ -273,7 +282,7 @@ def _train(cfg: TrainConfig, components, ddp: Dist) -> dict:
                    seed=cfg.validation_seed)
 
     stop = _StopFlag().install()
-    logger = _Log(run_dir, main)
+    logger = _Log(run_dir, main, step)
     losses: list[float] = []
     latent_shape = None
     from tqdm.auto import tqdm
