@@ -11,8 +11,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trainer_fixtures as fx  # noqa: E402
 
-fx.ensure_host("cpu")
-
 from trainer.checkpoint import ResumeError  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import DataError  # noqa: E402
@@ -20,6 +18,12 @@ from trainer.distill import main  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import TeacherError, load_teacher  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _comfy(host):
+    """The session's in-process ComfyUI (conftest's ``host``) is set up before anything imports ``comfy``."""
+    fx.ensure_host("cpu")
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

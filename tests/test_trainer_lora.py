@@ -11,12 +11,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trainer_fixtures as fx  # noqa: E402
 
-fx.ensure_host("cpu")
-
 from trainer.lora import LoRANetwork  # noqa: E402
 from trainer.lora_format import atomic_save_safetensors, build_metadata, read_tdd_metadata  # noqa: E402
 from trainer.models import Teacher, TeacherError, from_components, lora_targets  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _comfy(host):
+    """The session's in-process ComfyUI (conftest's ``host``) is set up before anything imports ``comfy``."""
+    fx.ensure_host("cpu")
 
 @pytest.mark.parametrize("arch,modules", [("sd15", 278), ("sd2x", 278), ("sdxl", 788)])
 def test_every_written_key_maps_through_host_key_map(arch, modules):

@@ -16,12 +16,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trainer_fixtures as fx  # noqa: E402
 
-fx.ensure_host("cpu")
-
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.distill import main  # noqa: E402
 from trainer.lora_format import read_tdd_metadata  # noqa: E402
 from trainer.loop import train  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _comfy(host):
+    """The session's in-process ComfyUI (conftest's ``host``) is set up before anything imports ``comfy``."""
+    fx.ensure_host("cpu")
+
 
 REPO = fx.REPO
 PY = sys.executable
@@ -211,3 +216,16 @@ def test_seam_converts_v_prediction_to_x0():
     v = teacher.unet(z, t.float(), context=ctx)
     a, s = DiscreteSchedule(teacher.sigmas).coeffs(t, z)
     assert torch.allclose(x0, a * z - s * v, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_result(images, tmp_path, tiny):
+    plain = train(cfg(images, tmp_path / "a"), components=tiny)
+    ckpt = train(cfg(images, tmp_path / "b", gradient_checkpointing=True), components=fx.tiny_sd15(0))
+    assert torch.allclose(torch.tensor(plain["losses"]), torch.tensor(ckpt["losses"]), rtol=1e-5)
+    a, b = lora_tensors(plain["out"]), lora_tensors(ckpt["out"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_on_cpu(images, tmp_path, tiny):
+    r = train(cfg(images, tmp_path, precision="bf16", max_steps=1), components=tiny)
+    assert r["status"] == "done" and 0 < r["losses"][0] < 10

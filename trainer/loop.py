@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint, data, models
 from .algorithm import Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch
-from .config import TrainConfig, fingerprint
+from .config import ConfigError, TrainConfig, fingerprint
 from .lora import LoRANetwork, enable_gradient_checkpointing
 from .lora_format import atomic_save_safetensors, build_metadata
 
@@ -191,7 +191,7 @@ def _train(cfg: TrainConfig, components, ddp: Dist) -> dict:
     models.ensure_host(str(device))
     precision = resolve_precision(cfg, device)
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
     teacher = _as_teacher(components, cfg, DTYPES[precision], device).to(device)
     resolution = cfg.resolution or teacher.native_resolution
