@@ -3,12 +3,14 @@
 #   make test   env, then the test suite (PYTEST_ARGS='-m "not server"' skips the server tests)
 #   make run    env, then ComfyUI with this pack on http://127.0.0.1:$(PORT) (base dir .host/base);
 #               WITH_TEST_NODES=1 also installs the test-only tiny model node (TDDTestTinyModel)
+#   make demo   env, then the shipped demo workflow in a headless ComfyUI: teacher vs TDD grid in out/
+#   make demo-model  rebuild the demo teacher (demo/train_teacher.py) and its TDD LoRA (demo/distill_demo.py)
 PORT ?= 8188
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 WITH_TEST_NODES ?=
 
-.PHONY: env test run
+.PHONY: env test run demo demo-model
 
 env:
 	bash scripts/bootstrap.sh
@@ -24,3 +26,10 @@ run:
 	echo "ComfyUI with the TDD pack: http://127.0.0.1:$(PORT)"; \
 	cd "$$comfy" && exec "$(CURDIR)/$(PY)" main.py --cpu --listen 127.0.0.1 --port $(PORT) --base-directory "$$base" \
 	  --database-url "sqlite:///$$base/user/comfyui.db"
+
+demo: env
+	$(PY) demo/run_demo.py
+
+demo-model: env
+	$(PY) demo/train_teacher.py
+	$(PY) demo/distill_demo.py

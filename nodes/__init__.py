@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .demo_loader import TDDDemoCheckpointLoader, register_demo_lora_folder
 from .guidance import TDDGuidance
 from .lora_loader import TDDLoraLoader
 from .registration import register_host_names
@@ -10,7 +11,8 @@ from .sampler import TDDSampler
 from .scheduler import TDDScheduler
 from .x0_clip import TDDX0Clip
 
-NODES: list[type[io.ComfyNode]] = [TDDScheduler, TDDSampler, TDDGuidance, TDDX0Clip, TDDLoraLoader]
+NODES: list[type[io.ComfyNode]] = [TDDScheduler, TDDSampler, TDDGuidance, TDDX0Clip, TDDLoraLoader,
+                                   TDDDemoCheckpointLoader]
 
 
 class TDDExtension(ComfyExtension):
@@ -20,4 +22,5 @@ class TDDExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> TDDExtension:
     register_host_names()
+    register_demo_lora_folder()
     return TDDExtension()

@@ -20,6 +20,16 @@ IDS = [p.stem for p in WORKFLOWS]
 # Expected settings per file: {node type: [{widget: value}, ...]} (each listed dict must match a
 # node of that type), plus node types that must be present.
 EXPECTED = {
+    "tdd_demo": {
+        "TDDDemoCheckpointLoader": {"weights_dir": ""},
+        "TDDLoraLoader": {"lora_name": "demo_tdd_lora.safetensors", "strength_model": 1.0},
+        "TDDScheduler": {"steps": 4, "denoise": 1.0},
+        "TDDSampler": {"eta": 0.2},
+        "TDDGuidance": {"scale": 1.7},
+        "KSampler": {"steps": 25, "cfg": 4.5, "sampler_name": "euler"},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "CLIPTextEncode": {"text": ""},
+    },
     "sdxl_tdd_txt2img": {
         "TDDLoraLoader": {"lora_name": "sdxl_tdd_lora_weights.safetensors", "strength_model": 1.0},
         "TDDScheduler": {"steps": 4, "denoise": 1.0},
