@@ -3,7 +3,7 @@
     .venv/bin/python demo/distill_demo.py [--images 4000] [trainer flags, e.g. --max-steps 200]
 
 Writes the procedural dataset (demo/dataset.py, seed 0) as PNG + .txt captions, then runs
-``trainer/distill.py --config demo/distill_demo.toml`` into demo/weights/demo_tdd_lora.safetensors.
+``trainer/distill.py --config demo/distill_demo.toml`` into demo/loras/demo_tdd_lora.safetensors.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def main(argv=None):
     args, trainer_args = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = write_dataset(Path(args.data), args.images)
-    out = REPO / "demo" / "weights" / "demo_tdd_lora.safetensors"
+    out = REPO / "demo" / "loras" / "demo_tdd_lora.safetensors"
+    out.parent.mkdir(exist_ok=True)
     return distill.main(["--config", str(REPO / "demo" / "distill_demo.toml"), "--data", str(data), "--out", str(out),
                          "--run-dir", str(REPO / ".host" / "demo_distill_run"), "--cache-dir",
                          str(REPO / ".host" / "demo_cache"), *trainer_args])

@@ -13,7 +13,6 @@ import logging
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +59,16 @@ def prompt_node(graph: dict) -> dict:
     return next(n for n in graph.values() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"])
 
 
+def execution_seconds(entry: dict) -> float:
+    """Server-side execution time of a prompt, from its history's start and success timestamps."""
+    stamps = {kind: data["timestamp"] for kind, data in entry["status"]["messages"]
+              if kind in ("execution_start", "execution_success")}
+    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
+
+
 def run_one(server, graph) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
     entry = server.run(graph)
-    seconds = time.perf_counter() - start
+    seconds = execution_seconds(entry)
     (path,) = server.output_images(entry)
     return np.asarray(Image.open(path).convert("RGB")), seconds
 

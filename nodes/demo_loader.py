@@ -13,9 +13,9 @@ log = logging.getLogger("tdd")
 
 
 def register_demo_lora_folder() -> None:
-    """List the shipped demo TDD LoRA (demo/weights) among the LoRAs of every loader."""
-    if os.path.isdir(demo_model.WEIGHTS_DIR):
-        folder_paths.add_model_folder_path("loras", demo_model.WEIGHTS_DIR)
+    """List the shipped demo TDD LoRA (demo/loras) among the LoRAs of every loader."""
+    if os.path.isdir(demo_model.LORA_DIR):
+        folder_paths.add_model_folder_path("loras", demo_model.LORA_DIR)
 
 
 class TDDDemoCheckpointLoader(io.ComfyNode):

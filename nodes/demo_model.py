@@ -17,9 +17,10 @@ import os
 
 import torch
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "weights")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+WEIGHTS_DIR = os.path.join(DEMO_DIR, "weights")
+LORA_DIR = os.path.join(DEMO_DIR, "loras")  # listed among ComfyUI's LoRAs; holds demo_tdd_lora.safetensors
 FILES = {"unet": "demo_unet.safetensors", "clip": "demo_clip.safetensors", "vae": "demo_vae.safetensors"}
-LORA_FILE = "demo_tdd_lora.safetensors"
 CONTEXT_DIM = 64
 LATENT_CHANNELS = 4
 

@@ -13,10 +13,11 @@ from harness import run_node
 
 REPO = harness.REPO
 WEIGHTS = REPO / "demo" / "weights"
+LORAS = REPO / "demo" / "loras"
 
 
 def test_shipped_weights_fit_the_size_budget():
-    files = sorted(WEIGHTS.glob("*.safetensors"))
+    files = sorted(WEIGHTS.glob("*.safetensors")) + sorted(LORAS.glob("*.safetensors"))
     assert {f.name for f in files} == {"demo_unet.safetensors", "demo_clip.safetensors", "demo_vae.safetensors",
                                        "demo_tdd_lora.safetensors"}
     assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
