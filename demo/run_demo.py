@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         log.info("ComfyUI with the TDD pack: %s", server.url)
         api = workflow_tools.to_api(workflow_tools.load(REPO / "workflows" / "tdd_demo.json"), server.object_info())
         teacher, student = branch(api, "tdd_demo/teacher"), branch(api, "tdd_demo/tdd")
-        run_one(server, teacher)  # warm-up: loads the model once
+        run_one(server, teacher)  # warm-up: loads the model and the LoRA once
+        run_one(server, student)
         rows, labels, times = [], [], {title: [] for title, _ in COLUMNS}
         for text in PROMPTS:
             for seed in args.seeds:

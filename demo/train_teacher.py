@@ -1,8 +1,10 @@
 """Train the embedded demo model (VAE, then UNet + text encoder) on the procedural shapes dataset.
 
-    .venv/bin/python demo/train_teacher.py [--vae-steps 900] [--unet-steps 4000] [--seed 0]
+    .venv/bin/python demo/train_teacher.py [--vae-steps 900] [--unet-steps 4000] [--decoder-steps 800] [--seed 0]
 
-Both phases are seeded step counts (about 10 and 30 minutes on 2 CPU cores); the weights land in demo/weights/ as
+Three seeded phases (about 10, 30 and 10 minutes on 2 CPU cores): the VAE, the UNet with the text
+encoder on the VAE's latents, then the VAE decoder alone (encoder frozen, so the latent space the
+UNet learnt stays valid). The weights land in demo/weights/ as
 fp16 safetensors, with the training record in demo/weights/teacher_train.json. Model card:
 docs/demo_model.md.
 """
@@ -64,6 +66,30 @@ def train_vae(vae, seed, steps, batch=16, lr=4e-4):
         if step % 25 == 0:
             log.info("vae step %d loss %.4f kl %.2f (%.1f s/step)", step, loss.item(), kl.item(),
                      (time.monotonic() - t0) / (step + 1))
+    ae.eval()
+    return steps
+
+
+def finetune_decoder(vae, seed, steps, batch=16, lr=3e-4):
+    """Decoder-only training with the encoder frozen: sharper images, same latent space (so the
+    UNet and its LoRA stay valid)."""
+    ae = vae.first_stage_model
+    params = list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ae.decoder.train()
+    t0 = time.monotonic()
+    for step in range(steps):
+        x = images(seed, 5_000_000 + step * batch, batch)
+        with torch.no_grad():
+            mean, logvar = ae.quant_conv(ae.encoder(x)).chunk(2, dim=1)
+            z = mean + (0.5 * logvar.clamp(-30, 20)).exp() * torch.randn_like(mean)
+        rec = ae.decoder(ae.post_quant_conv(z))
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            log.info("decoder step %d loss %.4f (%.1f s/step)", step, loss.item(), (time.monotonic() - t0) / (step + 1))
     ae.eval()
     return steps
 
@@ -150,6 +176,10 @@ def main(argv=None):
     ap.add_argument("--vae-steps", type=int, default=900)
     ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--dataset-size", type=int, default=12000)
+    ap.add_argument("--decoder-steps", type=int, default=800)
+    ap.add_argument("--only-decoder", action="store_true",
+                    help="load the weights in --out and run only the decoder phase (the last one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "demo" / "weights"))
     args = ap.parse_args(argv)
@@ -159,21 +189,30 @@ def main(argv=None):
     demo_model = load_demo_module()
     import safetensors.torch
 
-    model, clip, vae = demo_model.build(None, seed=args.seed)
-    record = {"seed": args.seed, "dataset_size": args.dataset_size, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record_path = os.path.join(args.out, "teacher_train.json")
     start = time.monotonic()
-    record["vae_steps"] = train_vae(vae, args.seed + 1, args.vae_steps)
-    record["latent_scale_fold"] = fold_latent_scale(vae, args.seed + 1)
-    latents, stds, captions = encode_dataset(vae, args.seed, args.dataset_size)
-    log.info("latents %s std %.3f", tuple(latents.shape), float(latents.std()))
-    record["unet_steps"] = train_unet(model, clip, latents, stds, captions, args.seed + 2, args.unet_steps)
-    record["minutes"] = round((time.monotonic() - start) / 60, 1)
+    if args.only_decoder:
+        model, clip, vae = demo_model.build(args.out)
+        with open(record_path) as f:
+            record = json.load(f)
+    else:
+        model, clip, vae = demo_model.build(None, seed=args.seed)
+        record = {"seed": args.seed, "dataset_size": args.dataset_size, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record["vae_steps"] = train_vae(vae, args.seed + 1, args.vae_steps)
+        record["latent_scale_fold"] = fold_latent_scale(vae, args.seed + 1)
+        latents, stds, captions = encode_dataset(vae, args.seed, args.dataset_size)
+        log.info("latents %s std %.3f", tuple(latents.shape), float(latents.std()))
+        record["unet_steps"] = train_unet(model, clip, latents, stds, captions, args.seed + 2, args.unet_steps)
+    record["decoder_steps"] = finetune_decoder(vae, args.seed + 3, args.decoder_steps)
+    record["minutes"] = round(record.get("minutes", 0) + (time.monotonic() - start) / 60, 1)
     os.makedirs(args.out, exist_ok=True)
     for part, sd in demo_model.state_dicts(model, clip, vae).items():
         path = os.path.join(args.out, demo_model.FILES[part])
         safetensors.torch.save_file(sd, path + ".tmp", metadata={"tdd_demo": part})
         os.replace(path + ".tmp", path)
-    with open(os.path.join(args.out, "teacher_train.json"), "w") as f:
+    with open(record_path, "w") as f:
         json.dump(record, f, indent=1)
     log.info("done: %s", record)
 

@@ -93,3 +93,5 @@ def test_demo_workflow_runs_and_depends_on_the_prompt(server, prefix):
         assert img.shape == (64, 64, 3) and np.isfinite(img).all()
         assert img.std() > 5.0, "blank image"
     assert np.abs(a - b).mean() > 5.0, "two prompts with the same seed gave the same image"
+    # the trained model follows the prompt: "light background" vs "dark background"
+    assert np.median(a) > np.median(b) + 80, (np.median(a), np.median(b))
