@@ -33,7 +33,7 @@ def test_demo_dataset_is_seeded_and_captioned():
     assert not np.array_equal(a, dataset.sample(1, 7)[0])
     striped = dataset.render(dataset.Scene("square", "red", "striped", "center", "light"))
     solid = dataset.render(dataset.Scene("square", "red", "solid", "center", "light"))
-    assert dataset.detail_energy(striped[None]) > 2 * dataset.detail_energy(solid[None])
+    assert dataset.detail_energy(striped[None]) > 1.5 * dataset.detail_energy(solid[None])
 
 
 def test_demo_loader_gives_model_clip_vae(host):
