@@ -68,17 +68,18 @@ def init_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
 
 
-def _unet(state_dict: dict | None, seed: int):
+def build_unet(unet_config: dict, num_heads: int, state_dict: dict | None = None, seed: int = 0, init=init_):
+    """ComfyUI's SD1.5 UNet at ``unet_config`` as a ModelPatcher: ``state_dict`` or seeded ``init``."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
-    config.unet_config.update(num_heads=NUM_HEADS, num_head_channels=-1)
+    config = comfy.supported_models.SD15(dict(unet_config))
+    config.unet_config.update(num_heads=num_heads, num_head_channels=-1)  # SD15's extra config sets 8 heads
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "model.", device=torch.device("cpu"))
     if state_dict is None:
-        init_(model.diffusion_model, seed)
+        init(model.diffusion_model, seed)
     else:
         model.diffusion_model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     model.eval()
@@ -86,35 +87,37 @@ def _unet(state_dict: dict | None, seed: int):
                                             offload_device=mm.unet_offload_device())
 
 
-def _clip(state_dict: dict | None, seed: int):
+def build_clip(text_config: dict, state_dict: dict | None = None, seed: int = 0, init=init_):
+    """ComfyUI's SD1 CLIP classes with ``text_config`` and the bundled tokenizer, as a ``comfy.sd.CLIP``."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
 
-    class DemoClipModel(comfy.sd1_clip.SDClipModel):
+    class SmallClipModel(comfy.sd1_clip.SDClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
-            super().__init__(device=device, dtype=dtype, textmodel_json_config=dict(TEXT_CONFIG),
+            super().__init__(device=device, dtype=dtype, textmodel_json_config=dict(text_config),
                              return_projected_pooled=False, model_options=model_options)
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    target.params = {"clip_model": DemoClipModel}
+    target.params = {"clip_model": SmallClipModel}
     clip = comfy.sd.CLIP(target, embedding_directory=None, model_options={"dtype": torch.float32})
     if state_dict is None:
-        init_(clip.cond_stage_model, seed + 1)
+        init(clip.cond_stage_model, seed)
     else:
         clip.cond_stage_model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
     return clip
 
 
-def _vae(state_dict: dict | None, seed: int):
+def build_vae(vae_config: dict, state_dict: dict | None = None, seed: int = 0, init=init_):
+    """ComfyUI's ``AutoencoderKL`` at ``vae_config`` as a ``comfy.sd.VAE``."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     if state_dict is None:
-        ae = AutoencoderKL(**VAE_CONFIG["params"])
-        init_(ae, seed + 2)
+        ae = AutoencoderKL(**vae_config["params"])
+        init(ae, seed)
         state_dict = ae.state_dict()
-    return comfy.sd.VAE(sd={k: v.float() for k, v in state_dict.items()}, config=VAE_CONFIG, dtype=torch.float32)
+    return comfy.sd.VAE(sd={k: v.float() for k, v in state_dict.items()}, config=vae_config, dtype=torch.float32)
 
 
 def read_weights(path: str) -> dict:
@@ -135,7 +138,8 @@ def build(weights_dir: str | None = WEIGHTS_DIR, seed: int = 0):
     """-> (ModelPatcher, CLIP, VAE); random (seeded) weights when ``weights_dir`` is None."""
     sds = {part: None if weights_dir is None else read_weights(os.path.join(weights_dir, f))
            for part, f in FILES.items()}
-    return _unet(sds["unet"], seed), _clip(sds["clip"], seed), _vae(sds["vae"], seed)
+    return (build_unet(UNET_CONFIG, NUM_HEADS, sds["unet"], seed), build_clip(TEXT_CONFIG, sds["clip"], seed + 1),
+            build_vae(VAE_CONFIG, sds["vae"], seed + 2))
 
 
 def load_demo():

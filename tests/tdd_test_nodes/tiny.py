@@ -114,68 +114,32 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(val.to(device=p.device, dtype=p.dtype))
 
 
-def _tiny_model_config():
-    import comfy.supported_models
+def _host_builders():
+    """The pack's host-class builders (``nodes/demo_model.py``, loaded by path: the pack's ``nodes``
+    package name is taken by ComfyUI's ``nodes`` module)."""
+    import importlib.util
+    from pathlib import Path
 
-    config = comfy.supported_models.SD15(dict(TINY_UNET_CONFIG))
-    config.unet_config["num_heads"] = TINY_NUM_HEADS  # SD15.unet_extra_config sets 8
-    config.unet_config["num_head_channels"] = -1
-    config.set_inference_dtype(torch.float32, None)
-    return config
+    path = Path(__file__).resolve().parents[2] / "nodes" / "demo_model.py"
+    spec = importlib.util.spec_from_file_location("tdd_pack_demo_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_tiny_unet(seed: int = 0):
     """The tiny SD1.5 UNet as a ``comfy.model_patcher.ModelPatcher`` (like a checkpoint loader's MODEL)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    config = _tiny_model_config()
-    model = config.get_model({}, "model.", device=torch.device("cpu"))
-    seeded_init_(model.diffusion_model, seed)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
-
-
-def _tiny_clip_model_class():
-    import comfy.sd1_clip
-
-    class TinySD1ClipModel(comfy.sd1_clip.SDClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}):
-            super().__init__(
-                device=device,
-                dtype=dtype,
-                textmodel_json_config=dict(TINY_TEXT_CONFIG),
-                return_projected_pooled=False,
-                model_options=model_options,
-            )
-
-    return TinySD1ClipModel
+    return _host_builders().build_unet(TINY_UNET_CONFIG, TINY_NUM_HEADS, seed=seed, init=seeded_init_)
 
 
 def build_tiny_clip(seed: int = 0):
     """A ``comfy.sd.CLIP`` with the host's SD1 CLIP classes and bundled tokenizer, tiny text model."""
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    target.params = {"clip_model": _tiny_clip_model_class()}
-    clip = comfy.sd.CLIP(target, embedding_directory=None, model_options={"dtype": torch.float32})
-    seeded_init_(clip.cond_stage_model, seed + 1)
-    return clip
+    return _host_builders().build_clip(TINY_TEXT_CONFIG, seed=seed + 1, init=seeded_init_)
 
 
 def build_tiny_vae(seed: int = 0):
     """A small ``comfy.sd.VAE`` (AutoencoderKL, 4 latent channels, 8x scale)."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
-    ae = AutoencoderKL(**TINY_VAE_CONFIG["params"])
-    seeded_init_(ae, seed + 2)
-    sd = ae.state_dict()
-    return comfy.sd.VAE(sd=sd, config=TINY_VAE_CONFIG, dtype=torch.float32)
+    return _host_builders().build_vae(TINY_VAE_CONFIG, seed=seed + 2, init=seeded_init_)
 
 
 def build_tiny_sd15(seed: int = 0):
