@@ -95,3 +95,25 @@ def test_demo_workflow_runs_and_depends_on_the_prompt(server, prefix):
     assert np.abs(a - b).mean() > 5.0, "two prompts with the same seed gave the same image"
     # the trained model follows the prompt: "light background" vs "dark background"
     assert np.median(a) > np.median(b) + 80, (np.median(a), np.median(b))
+
+
+@pytest.mark.parametrize("folder,needle", [("missing", "is missing"), ("corrupt", "is corrupt")])
+def test_demo_loader_error_over_http_keeps_the_server_running(server, tmp_path, folder, needle):
+    weights = tmp_path / folder
+    weights.mkdir()
+    if folder == "corrupt":
+        for f in WEIGHTS.glob("demo_*.safetensors"):
+            shutil.copy(f, weights / f.name)
+        (weights / "demo_unet.safetensors").write_bytes(b"not a safetensors file")
+    graph = {"1": {"class_type": "TDDDemoCheckpointLoader", "inputs": {"weights_dir": str(weights)}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red circle"}},
+             "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                                                        "latent_image": ["3", 0], "seed": 0, "steps": 2, "cfg": 1.0,
+                                                        "sampler_name": "tdd", "scheduler": "tdd", "denoise": 1.0}},
+             "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+             "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "demo_bad"}}}
+    with pytest.raises(harness.ComfyError, match=needle):
+        server.run(graph)
+    graph["1"]["inputs"]["weights_dir"] = ""
+    assert server.output_images(server.run(graph))  # the next prompt succeeds
