@@ -68,16 +68,25 @@ def init_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
 
 
-def build_unet(unet_config: dict, num_heads: int, state_dict: dict | None = None, seed: int = 0, init=init_):
-    """ComfyUI's SD1.5 UNet at ``unet_config`` as a ModelPatcher: ``state_dict`` or seeded ``init``."""
+def build_unet(unet_config: dict, num_heads: int, state_dict: dict | None = None, seed: int = 0, init=init_,
+               family: str = "SD15", model_type: str | None = None):
+    """A host UNet at ``unet_config`` as a ModelPatcher: ``state_dict`` or seeded ``init``.
+
+    ``family`` names the host's model config (``SD15``, ``SD20``, ``SDXL``...); ``model_type``
+    (e.g. ``V_PREDICTION``) overrides the parameterisation the config would infer."""
+    import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(unet_config))
-    config.unet_config.update(num_heads=num_heads, num_head_channels=-1)  # SD15's extra config sets 8 heads
+    config = getattr(comfy.supported_models, family)(dict(unet_config))
+    config.unet_config.update(num_heads=num_heads, num_head_channels=-1)  # the configs' extras set 8 heads
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "model.", device=torch.device("cpu"))
+    if model_type is None:
+        model = config.get_model({}, "model.", device=torch.device("cpu"))
+    else:
+        model = comfy.model_base.BaseModel(config, model_type=getattr(comfy.model_base.ModelType, model_type),
+                                           device=torch.device("cpu"))
     if state_dict is None:
         init(model.diffusion_model, seed)
     else:

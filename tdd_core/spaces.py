@@ -67,10 +67,13 @@ class VarianceExploding:
     def eps(self, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
         return (x - x0) / sigma
 
+    def __post_init__(self):
+        if self.sigma_table is not None:  # computed once, not at every step
+            object.__setattr__(self, "_log_table", self.sigma_table.double().log())
+
     def timestep(self, sigma) -> int:
         """Nearest discrete timestep of ``sigma`` (in log sigma), as ComfyUI's ``timestep()``."""
-        log_table = self.sigma_table.double().log()
-        return int((log_table - math.log(_as_float(sigma))).abs().argmin())
+        return int((self._log_table - math.log(_as_float(sigma))).abs().argmin())
 
     def target_sigma(self, sigma_next, eta: float) -> float:
         sigma_next = _as_float(sigma_next)

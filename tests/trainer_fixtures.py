@@ -133,41 +133,14 @@ def meta_flux():
 
 def tiny_sd2v(seed: int = 0):
     """The tiny UNet as an SD2.x v-prediction model (host SD20 config + BaseModel(V_PREDICTION)), tiny CLIP/VAE."""
-    import torch
-
     tiny = tiny_module()
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = dict(tiny.TINY_UNET_CONFIG, use_linear_in_transformer=True)
-    config = comfy.supported_models.SD20(unet_config)
-    config.unet_config["num_heads"], config.unet_config["num_head_channels"] = tiny.TINY_NUM_HEADS, -1
-    config.set_inference_dtype(torch.float32, None)
-    model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION,
-                                       device=torch.device("cpu"))
-    tiny.seeded_init_(model.diffusion_model, seed)
-    model.eval()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return patcher, tiny.build_tiny_clip(seed), tiny.build_tiny_vae(seed)
+    unet = tiny.build_tiny_unet(seed, family="SD20", model_type="V_PREDICTION", use_linear_in_transformer=True)
+    return unet, tiny.build_tiny_clip(seed), tiny.build_tiny_vae(seed)
 
 
 def tiny_sdxl(seed: int = 0):
     """The tiny UNet as an SDXL-class model (ADM conditioning from pooled text + sizes), tiny CLIP/VAE."""
-    import torch
-
     tiny = tiny_module()
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    pooled_dim = tiny.CONTEXT_DIM
-    unet_config = dict(tiny.TINY_UNET_CONFIG, use_linear_in_transformer=True, num_classes="sequential",
-                       adm_in_channels=pooled_dim + 6 * 256)
-    config = comfy.supported_models.SDXL(unet_config)
-    config.unet_config["num_heads"], config.unet_config["num_head_channels"] = tiny.TINY_NUM_HEADS, -1
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "model.", device=torch.device("cpu"))
-    tiny.seeded_init_(model.diffusion_model, seed)
-    model.eval()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return patcher, tiny.build_tiny_clip(seed), tiny.build_tiny_vae(seed)
+    unet = tiny.build_tiny_unet(seed, family="SDXL", use_linear_in_transformer=True, num_classes="sequential",
+                                adm_in_channels=tiny.CONTEXT_DIM + 6 * 256)
+    return unet, tiny.build_tiny_clip(seed), tiny.build_tiny_vae(seed)

@@ -127,9 +127,11 @@ def _host_builders():
     return module
 
 
-def build_tiny_unet(seed: int = 0):
-    """The tiny SD1.5 UNet as a ``comfy.model_patcher.ModelPatcher`` (like a checkpoint loader's MODEL)."""
-    return _host_builders().build_unet(TINY_UNET_CONFIG, TINY_NUM_HEADS, seed=seed, init=seeded_init_)
+def build_tiny_unet(seed: int = 0, family: str = "SD15", model_type: str | None = None, **config_overrides):
+    """The tiny UNet as a ``comfy.model_patcher.ModelPatcher`` (like a checkpoint loader's MODEL):
+    SD1.5 by default; ``family``/``model_type``/``config_overrides`` make SD2.x or SDXL-class variants."""
+    return _host_builders().build_unet(dict(TINY_UNET_CONFIG, **config_overrides), TINY_NUM_HEADS, seed=seed,
+                                       init=seeded_init_, family=family, model_type=model_type)
 
 
 def build_tiny_clip(seed: int = 0):
