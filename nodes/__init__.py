@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .demo_loader import TDDDemoCheckpointLoader, register_demo_lora_folder
+from .demo_loader import TDDDemoCheckpointLoader, register_demo_lora_folder, register_demo_weights_folder
 from .guidance import TDDGuidance
 from .lora_loader import TDDLoraLoader
 from .registration import register_host_names
@@ -23,4 +23,5 @@ class TDDExtension(ComfyExtension):
 async def comfy_entrypoint() -> TDDExtension:
     register_host_names()
     register_demo_lora_folder()
+    register_demo_weights_folder()
     return TDDExtension()

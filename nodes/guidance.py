@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .. import tdd_core
 from ._host import step_index
+from .validation import TDDNode
 
 
 class TDDGuider(comfy.samplers.CFGGuider):
@@ -34,7 +35,7 @@ class TDDGuider(comfy.samplers.CFGGuider):
         return args["input"] - guided  # the host's cfg-function convention: x - denoised
 
 
-class TDDGuidance(io.ComfyNode):
+class TDDGuidance(TDDNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -65,12 +66,13 @@ class TDDGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, guidance_start, guidance_end):
-        # Naming these inputs here makes the host skip its own min/max check for them.
-        if not 0.0 <= guidance_start <= guidance_end <= 1.0:
-            return (f"guidance interval [{guidance_start}, {guidance_end}] is invalid: use "
+    def validate_inputs(cls, **values):
+        checked = super().validate_inputs(**values)
+        start, end = values.get("guidance_start"), values.get("guidance_end")
+        if checked is True and start is not None and end is not None and not start <= end:
+            return (f"guidance interval [{start}, {end}] is invalid: use "
                     "0 <= guidance_start <= guidance_end <= 1 (0 and 1 guide every step)")
-        return True
+        return checked
 
     @classmethod
     def execute(cls, model, positive, negative, scale, guidance_start, guidance_end, rescale) -> io.NodeOutput:

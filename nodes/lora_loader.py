@@ -4,6 +4,8 @@ SDXL releases and the pack's trainer use kohya keys with a stored ``.alpha``; th
 applies them as they are. FLUX.1-dev releases use PEFT/diffusers keys (``lora_A``/``lora_B``) with no
 alpha and were trained at alpha/rank = 8/64: loaded as they are, strength 1.0 would be 8 times too
 strong and break images, so this loader stores that alpha, making strength 1.0 the trained scale.
+SVD-xt files name diffusers' video-UNet modules, temporal layers included; ``svd_keys`` maps them all
+and applies them as stored (no trained scale is published for SVD).
 A file that does not fit the model is an error naming the file and how many keys did not match.
 """
 from __future__ import annotations
@@ -17,6 +19,10 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
+
+from . import lora_settings
+from . import svd_keys
+from .validation import TDDNode
 
 log = logging.getLogger("tdd")
 
@@ -82,7 +88,7 @@ def load_tdd_lora(model, clip, path: str, strength_model: float, strength_clip: 
     """Patch ``model`` (and ``clip``) with the LoRA at ``path``; returns (model, clip, info)."""
     name = os.path.basename(path)
     lora, metadata = read_lora(path)
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = svd_keys.add_svd_keys(model.model, comfy.lora.model_lora_keys_unet(model.model, {}))
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     missing = unmatched_modules(lora, key_map)
@@ -93,7 +99,9 @@ def load_tdd_lora(model, clip, path: str, strength_model: float, strength_clip: 
             f"layer (e.g. {missing[0]}). It was made for another base architecture; pick the TDD LoRA for this "
             "checkpoint's family (SDXL, FLUX.1-dev, ...)" + ("" if clip is not None else " or connect its CLIP"))
     no_alpha = peft_alpha_missing(lora)
-    if no_alpha:
+    if svd_keys.is_spatio_temporal(model.model):
+        lora_format = svd_keys.format_note(lora)
+    elif no_alpha:
         lora = with_trained_alpha(lora, no_alpha)
         lora_format = (f"PEFT/diffusers keys without alpha: applied at the trained scale 8/64 = {PEFT_TRAINED_SCALE} "
                        f"times strength (strength 1.0 is correct)")
@@ -105,27 +113,31 @@ def load_tdd_lora(model, clip, path: str, strength_model: float, strength_clip: 
     return new_model, new_clip, info
 
 
-class TDDLoraLoader(io.ComfyNode):
+class TDDLoraLoader(TDDNode):
+    INPUT_HINTS = {"lora_name": "not found in models/loras: put the file there and refresh (R) the node list"}
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="TDDLoraLoader",
             display_name="TDD LoRA Loader",
             category="loaders",
-            description="Load a TDD LoRA (released SDXL/FLUX files or this pack's trainer output) at its trained "
+            description="Load a TDD LoRA (released SDXL/FLUX/SVD-xt files or this pack's trainer output) at its trained "
                         "scale; refuses files that do not fit the model.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the TDD LoRA was trained for."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A TDD LoRA from models/loras (.safetensors)."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="1.0 applies the LoRA at its trained scale (FLUX releases' 8/64 included)."),
+                               tooltip="1.0 applies the LoRA at its trained scale (FLUX releases' 8/64 included; "
+                                       "SVD files as stored)."),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength on the text encoder, for LoRAs that patch it (TDD releases don't)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The text encoder, for LoRAs that patch it; optional (e.g. FLUX)."),
             ],
-            outputs=[io.Model.Output(), io.Clip.Output(), io.String.Output("info", tooltip="What was loaded and how.")],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.String.Output("info", tooltip="What was loaded and how."),
+                     *lora_settings.OUTPUTS],  # appended after the original three: stored links keep their slots
         )
 
     @classmethod
@@ -134,4 +146,6 @@ class TDDLoraLoader(io.ComfyNode):
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"TDD LoRA '{lora_name}' was not found in models/loras; put the file there and "
                                     "refresh (R) the node list")
-        return io.NodeOutput(*load_tdd_lora(model, clip, path, strength_model, strength_clip))
+        new_model, new_clip, info = load_tdd_lora(model, clip, path, strength_model, strength_clip)
+        settings = lora_settings.settings_for(model, path)
+        return io.NodeOutput(new_model, new_clip, f"{info}\n{settings.describe()}", *settings.values())

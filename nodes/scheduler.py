@@ -6,9 +6,10 @@ from comfy_api.latest import io
 
 from ..tdd_core import MAX_STEPS
 from ._host import tdd_sigmas
+from .validation import TDDNode
 
 
-class TDDScheduler(io.ComfyNode):
+class TDDScheduler(TDDNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from .. import tdd_core
 from ._host import step_index
+from .validation import TDDNode
 
 MODES = ["clamp", "quantile"]
 
@@ -25,7 +26,7 @@ def x0_clip_patch(mode: str, clip_steps: int, ratio: float, max_value: float):
     return patch
 
 
-class TDDX0Clip(io.ComfyNode):
+class TDDX0Clip(TDDNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import harness
@@ -14,6 +15,7 @@ from harness import run_node
 REPO = harness.REPO
 WEIGHTS = REPO / "demo" / "weights"
 LORAS = REPO / "demo" / "loras"
+SHIPPED, USER = "shipped (demo/weights)", "models/tdd_demo"  # the loader's weights choices
 
 
 def test_shipped_weights_fit_the_size_budget():
@@ -40,29 +42,50 @@ def test_demo_loader_gives_model_clip_vae(host):
     import comfy.model_patcher
     import comfy.sd
 
-    model, clip, vae = run_node(host, "TDDDemoCheckpointLoader", weights_dir="")
+    model, clip, vae = run_node(host, "TDDDemoCheckpointLoader", weights=SHIPPED)
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     assert isinstance(clip, comfy.sd.CLIP) and isinstance(vae, comfy.sd.VAE)
     (cond,) = run_node(host, "CLIPTextEncode", clip=clip, text="a red circle in the center on a light background")
     assert cond[0][0].shape == (1, 77, 64)
 
 
-def test_demo_loader_missing_or_corrupt_file_is_a_clear_error(host, tmp_path):
-    with pytest.raises(ValueError, match=r"demo_unet.safetensors' is missing"):
-        run_node(host, "TDDDemoCheckpointLoader", weights_dir=str(tmp_path))
-    for f in WEIGHTS.glob("demo_*.safetensors"):
-        shutil.copy(f, tmp_path / f.name)
-    (tmp_path / "demo_vae.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match=r"'demo_vae.safetensors' is corrupt"):
-        run_node(host, "TDDDemoCheckpointLoader", weights_dir=str(tmp_path))
+def user_weights(comfy_base, state: str):
+    """Fill models/tdd_demo of the test base: "missing" (empty), "corrupt" (one file damaged) or "good"."""
+    folder = comfy_base / "models" / "tdd_demo"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if state != "missing":
+        for f in WEIGHTS.glob("demo_*.safetensors"):
+            shutil.copy(f, folder / f.name)
+    if state == "corrupt":
+        (folder / "demo_vae.safetensors").write_bytes(b"\x00" * 64)
+    return folder
+
+
+def test_demo_loader_missing_or_corrupt_file_is_a_clear_error(host, comfy_base):
+    try:
+        user_weights(comfy_base, "missing")
+        with pytest.raises(FileNotFoundError, match=r"models/tdd_demo does not hold the demo weights "
+                                                    r"\(demo_unet.safetensors, .* missing\): put "):
+            run_node(host, "TDDDemoCheckpointLoader", weights=USER)
+        user_weights(comfy_base, "corrupt")
+        with pytest.raises(ValueError, match=r"'demo_vae.safetensors' is corrupt"):
+            run_node(host, "TDDDemoCheckpointLoader", weights=USER)
+        user_weights(comfy_base, "good")  # the user's own copy of the weights loads
+        model, *_ = run_node(host, "TDDDemoCheckpointLoader", weights=USER)
+        shipped, *_ = run_node(host, "TDDDemoCheckpointLoader", weights=SHIPPED)
+        for a, b in zip(model.model.state_dict().values(), shipped.model.state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        shutil.rmtree(comfy_base / "models" / "tdd_demo", ignore_errors=True)
 
 
 def test_demo_lora_is_listed_and_fits_the_demo_model(host):
     import folder_paths
 
     assert "demo_tdd_lora.safetensors" in folder_paths.get_filename_list("loras")
-    model, clip, _ = run_node(host, "TDDDemoCheckpointLoader", weights_dir="")
-    _, _, info = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name="demo_tdd_lora.safetensors",
+    model, clip, _ = run_node(host, "TDDDemoCheckpointLoader", weights=SHIPPED)
+    _, _, info, *_ = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name="demo_tdd_lora.safetensors",
                           strength_model=1.0, strength_clip=1.0)
     assert "kohya" in info and "method=tdd" in info
 
@@ -97,15 +120,9 @@ def test_demo_workflow_runs_and_depends_on_the_prompt(server, prefix):
     assert np.median(a) > np.median(b) + 80, (np.median(a), np.median(b))
 
 
-@pytest.mark.parametrize("folder,needle", [("missing", "is missing"), ("corrupt", "is corrupt")])
-def test_demo_loader_error_over_http_keeps_the_server_running(server, tmp_path, folder, needle):
-    weights = tmp_path / folder
-    weights.mkdir()
-    if folder == "corrupt":
-        for f in WEIGHTS.glob("demo_*.safetensors"):
-            shutil.copy(f, weights / f.name)
-        (weights / "demo_unet.safetensors").write_bytes(b"not a safetensors file")
-    graph = {"1": {"class_type": "TDDDemoCheckpointLoader", "inputs": {"weights_dir": str(weights)}},
+@pytest.mark.parametrize("state,needle", [("missing", "does not hold the demo weights"), ("corrupt", "is corrupt")])
+def test_demo_loader_error_over_http_keeps_the_server_running(server, comfy_base, state, needle):
+    graph = {"1": {"class_type": "TDDDemoCheckpointLoader", "inputs": {"weights": USER}},
              "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red circle"}},
              "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
              "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
@@ -113,7 +130,23 @@ def test_demo_loader_error_over_http_keeps_the_server_running(server, tmp_path, 
                                                         "sampler_name": "tdd", "scheduler": "tdd", "denoise": 1.0}},
              "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
              "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "demo_bad"}}}
-    with pytest.raises(harness.ComfyError, match=needle):
-        server.run(graph)
-    graph["1"]["inputs"]["weights_dir"] = ""
+    try:
+        user_weights(comfy_base, state)
+        with pytest.raises(harness.ComfyError, match=needle):
+            server.run(graph)
+    finally:
+        shutil.rmtree(comfy_base / "models" / "tdd_demo", ignore_errors=True)
+    graph["1"]["inputs"]["weights"] = SHIPPED
     assert server.output_images(server.run(graph))  # the next prompt succeeds
+
+
+def test_demo_loader_takes_no_server_path(server, tmp_path):
+    """A client cannot point the loader at an arbitrary folder: the prompt is refused before it runs,
+    naming the input and the allowed choices, and says nothing about that path's files."""
+    for f in WEIGHTS.glob("demo_*.safetensors"):
+        shutil.copy(f, tmp_path / f.name)
+    status, payload = server.queue({"1": {"class_type": "TDDDemoCheckpointLoader", "inputs": {"weights": str(tmp_path)}},
+                                    "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}})
+    assert status == 400, payload
+    text = str(payload["node_errors"])
+    assert "weights" in text and repr(SHIPPED) in text and repr(USER) in text and "not an allowed value" in text

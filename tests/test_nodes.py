@@ -273,11 +273,11 @@ def lora_output(host, model, conds, seed=0):
 
 def test_lora_loader_loads_the_tiny_lora_and_changes_output(host, tiny_parts, conds, lora_files):
     model, clip, _ = tiny_parts
-    new_model, new_clip, info = run_node(host, "TDDLoraLoader", model=model, clip=clip,
+    new_model, new_clip, info, *_ = run_node(host, "TDDLoraLoader", model=model, clip=clip,
                                          lora_name=lora_files["good"].name, strength_model=1.0, strength_clip=1.0)
     assert "kohya" in info and lora_files["good"].name in info
     assert not torch.allclose(lora_output(host, new_model, conds), lora_output(host, model, conds))
-    zero, _, _ = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=lora_files["good"].name,
+    zero, *_ = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=lora_files["good"].name,
                           strength_model=0.0, strength_clip=0.0)
     torch.testing.assert_close(lora_output(host, zero, conds), lora_output(host, model, conds))
 
@@ -303,9 +303,9 @@ def test_peft_lora_without_alpha_is_applied_at_trained_scale(host, tiny_parts, c
     loras = comfy_base / "models" / "loras"
     safetensors.torch.save_file(peft, str(loras / "peft_no_alpha.safetensors"))
     safetensors.torch.save_file(scaled_kohya, str(loras / "kohya_scaled.safetensors"))
-    a, _, info = run_node(host, "TDDLoraLoader", model=model, clip=None, lora_name="peft_no_alpha.safetensors",
+    a, _, info, *_ = run_node(host, "TDDLoraLoader", model=model, clip=None, lora_name="peft_no_alpha.safetensors",
                           strength_model=1.0, strength_clip=1.0)
-    b, _, _ = run_node(host, "TDDLoraLoader", model=model, clip=None, lora_name="kohya_scaled.safetensors",
+    b, *_ = run_node(host, "TDDLoraLoader", model=model, clip=None, lora_name="kohya_scaled.safetensors",
                        strength_model=1.0, strength_clip=1.0)
     assert "8/64" in info
     torch.testing.assert_close(lora_output(host, a, conds), lora_output(host, b, conds))
@@ -317,7 +317,7 @@ def test_lora_metadata_is_shown(host, tiny_parts, lora_files, comfy_base):
     tensors = safetensors.torch.load_file(str(lora_files["good"]))
     path = comfy_base / "models" / "loras" / "with_meta.safetensors"
     safetensors.torch.save_file(tensors, str(path), metadata={"tdd_method": "tdd", "tdd_recommended_steps": "4"})
-    _, _, info = run_node(host, "TDDLoraLoader", model=tiny_parts[0], clip=tiny_parts[1], lora_name=path.name,
+    _, _, info, *_ = run_node(host, "TDDLoraLoader", model=tiny_parts[0], clip=tiny_parts[1], lora_name=path.name,
                           strength_model=1.0, strength_clip=1.0)
     assert "method=tdd" in info and "recommended_steps=4" in info
 

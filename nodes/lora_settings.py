@@ -1,0 +1,143 @@
+"""Recommended sampling settings that travel with a TDD LoRA: steps, eta and guidance.
+
+A file written by this pack's trainer names them in its ``tdd_recommended_*`` metadata. The released
+TDD LoRAs carry no metadata, so their settings come from the model family the LoRA is applied to
+(docs/method.md §2 and §6):
+
+* SDXL: 4 steps, eta 0.2, CFG 1.7 (the TDD reference's SDXL settings);
+* FLUX.1-dev: 8 steps, eta 0, FLUX guidance 2.0 -- the reference's FLUX example is diffusers'
+  FluxPipeline, a deterministic Euler sampler on FLUX's shifted schedule; on FLUX the TDD schedule
+  is that schedule and the TDD step with eta 0 is that Euler step (tests/test_lora_settings.py);
+* SVD-xt 1.1: 4 steps, eta 0.3, minimum guidance 1.0 (the reference's SVD demo).
+
+Anything else without metadata gets the generic TDD defaults (4 steps, eta 0.2, guidance 1.7).
+Each value remembers where it came from, for the loader's ``info`` output.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import comfy.model_base
+from comfy_api.latest import io
+from safetensors import safe_open
+
+from ..tdd_core import MAX_STEPS
+
+#: (steps, eta, guidance, what "guidance" means, where the values come from) per model family.
+FAMILY_SETTINGS = {
+    "sdxl": (4, 0.2, 1.7, "CFG scale (TDD Guidance / KSampler cfg)", "TDD reference settings for SDXL"),
+    "flux": (8, 0.0, 2.0, "FLUX guidance (FluxGuidance)",
+             "TDD reference FLUX example: FluxPipeline's deterministic Euler = eta 0; eta 0.2 is an option to try"),
+    "svd": (4, 0.3, 1.0, "minimum guidance (VideoLinearCFGGuidance min_cfg)", "TDD reference SVD demo"),
+}
+GENERIC_SETTINGS = (4, 0.2, 1.7, "CFG scale (TDD Guidance / KSampler cfg)",
+                    "TDD defaults (no tdd_* metadata, model family without a released TDD LoRA)")
+GUIDANCE_RANGE = (0.0, 100.0)
+
+#: The TDD LoRA Loader's extra outputs, after MODEL, CLIP and info (wire them into TDD Scheduler's
+#: steps, TDD Sampler's eta, TDD Guidance's scale or FluxGuidance's guidance).
+OUTPUTS = [
+    io.Int.Output("steps", tooltip="Recommended steps (the file's metadata, else its model family); wire it into "
+                                   "TDD Scheduler steps or KSampler steps."),
+    io.Float.Output("eta", tooltip="Recommended eta; wire it into TDD Sampler eta. FLUX: 0 (the reference's Euler)."),
+    io.Float.Output("guidance", tooltip="Recommended guidance: CFG scale for TDD Guidance / KSampler (SDXL), "
+                                        "FluxGuidance's guidance (FLUX), VideoLinearCFGGuidance min_cfg (SVD)."),
+]
+NAMES = ("steps", "eta", "guidance")
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """Recommended steps/eta/guidance and, per value, where it came from."""
+
+    steps: int
+    eta: float
+    guidance: float
+    sources: dict
+    guidance_meaning: str
+
+    def values(self) -> tuple[int, float, float]:
+        return self.steps, self.eta, self.guidance
+
+    def describe(self) -> str:
+        """One line per value for the loader's ``info`` output."""
+        lines = [f"recommended steps={self.steps}, eta={self.eta:g}, guidance={self.guidance:g} "
+                 f"({self.guidance_meaning})"]
+        lines += [f"  {name}: {self.sources[name]}" for name in NAMES]
+        return "\n".join(lines)
+
+
+def model_family(model) -> str | None:
+    """The released-TDD family of a host ModelPatcher's model: "sdxl", "flux", "svd" or None."""
+    base = model.model
+    later_flux = (comfy.model_base.Flux2, comfy.model_base.Chroma)  # other models on FLUX's class
+    if isinstance(base, comfy.model_base.Flux) and not isinstance(base, later_flux):
+        return "flux"
+    if isinstance(base, comfy.model_base.SVD_img2vid):
+        return "svd"
+    if isinstance(base, comfy.model_base.SDXL):
+        return "sdxl"
+    return None
+
+
+def released_format(keys) -> str | None:
+    """The released TDD file format recognised from a LoRA's keys, or None."""
+    keys = list(keys)
+    if any(k.endswith(".lora_A.weight") for k in keys) and not any(k.endswith(".alpha") for k in keys):
+        return "PEFT keys without alpha (the FLUX.1-dev release format)"
+    if any(k.startswith("lora_unet_") for k in keys):
+        return "kohya keys (the SDXL release format)"
+    return None
+
+
+def settings_for(model, path: str) -> Recommended:
+    """The recommended settings of the LoRA file at ``path`` applied to the host ``model`` (reads
+    only the file's header: its keys and metadata)."""
+    with safe_open(path, framework="pt") as f:
+        metadata, fmt = f.metadata() or {}, released_format(f.keys())
+    return recommended_settings(metadata, model_family(model), fmt)
+
+
+def _valid(name: str, value) -> bool:
+    if name == "steps":
+        return isinstance(value, int) and 1 <= value <= MAX_STEPS
+    if not math.isfinite(value):
+        return False
+    low, high = (0.0, 1.0) if name == "eta" else GUIDANCE_RANGE
+    return low <= value <= high
+
+
+def metadata_value(metadata: dict, name: str):
+    """The typed ``tdd_recommended_<name>`` of a file, or (None, why) when absent or unusable."""
+    raw = metadata.get(f"tdd_recommended_{name}")
+    if raw is None:
+        return None, None
+    try:
+        number = float(raw)
+        value = int(number) if name == "steps" and number.is_integer() else number
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not _valid(name, value):
+        return None, f"tdd_recommended_{name}={raw!r} in the file is unusable"
+    return value, None
+
+
+def recommended_settings(metadata: dict, family: str | None, file_format: str | None = None) -> Recommended:
+    """Settings from the file's ``tdd_recommended_*`` metadata, else from the model family.
+
+    ``file_format`` names the released file format that was recognised (e.g. "PEFT keys without
+    alpha"), only to say so in the sources."""
+    steps, eta, guidance, meaning, origin = FAMILY_SETTINGS.get(family, GENERIC_SETTINGS)
+    fallback = dict(zip(NAMES, (steps, eta, guidance)))
+    if family in FAMILY_SETTINGS:
+        origin = f"{family.upper()} model" + (f", {file_format}" if file_format else "") + f": {origin}"
+    values, sources = {}, {}
+    for name in NAMES:
+        value, problem = metadata_value(metadata, name)
+        if value is not None:
+            values[name], sources[name] = value, f"the file's tdd_recommended_{name} metadata"
+        else:
+            values[name] = fallback[name]
+            sources[name] = origin if problem is None else f"{problem}; {origin}"
+    return Recommended(int(values["steps"]), float(values["eta"]), float(values["guidance"]), sources, meaning)
