@@ -101,6 +101,7 @@ def load_tdd_lora(model, clip, path: str, strength_model: float, strength_clip: 
     no_alpha = peft_alpha_missing(lora)
     if svd_keys.is_spatio_temporal(model.model):
         lora_format = svd_keys.format_note(lora)
+        lora = svd_keys.to_host_names(lora, key_map, module_of)
     elif no_alpha:
         lora = with_trained_alpha(lora, no_alpha)
         lora_format = (f"PEFT/diffusers keys without alpha: applied at the trained scale 8/64 = {PEFT_TRAINED_SCALE} "

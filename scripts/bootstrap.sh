@@ -74,4 +74,11 @@ if [ ! -f "$req_stamp" ]; then
   pip install -r "$here/requirements.txt"
   touch "$req_stamp"
 fi
+# Test-only requirements (tests/requirements.txt: diffusers for the SVD LoRA key-map tests); not the pack's.
+test_req_stamp="$VENV/.tdd-test-requirements-$(sha1sum "$here/tests/requirements.txt" | cut -c1-12)"
+if [ ! -f "$test_req_stamp" ]; then
+  log "pip install -r tests/requirements.txt"
+  pip install -r "$here/tests/requirements.txt"
+  touch "$test_req_stamp"
+fi
 echo "$COMFYUI_PATH"
