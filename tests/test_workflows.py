@@ -92,6 +92,11 @@ EXPECTED = {
         "SamplerCustom": {},
         "SaveAnimatedWEBP": {},
     },
+    "sdxl_tdd_bake_checkpoint": {
+        "CheckpointLoaderSimple": {"ckpt_name": "sd_xl_base_1.0.safetensors"},
+        "TDDLoraLoader": {"lora_name": "sdxl_tdd_lora_weights.safetensors", "strength_model": 1.0},
+        "CheckpointSave": {"filename_prefix": "checkpoints/sdxl_tdd_baked"},
+    },
 }
 
 
@@ -130,6 +135,21 @@ def test_recommended_settings(name: str, object_info):
         assert have, f"{name}: no {node_type} node"
         assert any(all(h.get(k) == v for k, v in want.items()) for h in have), \
             f"{name}: no {node_type} with {want}; found {have}"
+
+
+def test_flux_settings_come_from_the_lora(object_info):
+    """FLUX: the TDD LoRA Loader's steps / eta / guidance outputs (slots 3-5, after MODEL, CLIP, info)
+    drive TDD Scheduler steps, TDD Sampler eta and FluxGuidance guidance; the widget values stay."""
+    wf = _load("flux_tdd")
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    (lora,) = wt.nodes_of_type(wf, "TDDLoraLoader")
+    wired = {(lk[2], by_id[lk[3]]["type"], by_id[lk[3]]["inputs"][lk[4]]["name"])
+             for lk in wf["links"] if lk[1] == lora["id"] and lk[2] >= 3}
+    assert wired == {(3, "TDDScheduler", "steps"), (4, "TDDSampler", "eta"), (5, "FluxGuidance", "guidance")}
+    api = wt.to_api(wf, object_info)
+    assert api[str(wt.nodes_of_type(wf, "TDDSampler")[0]["id"])]["inputs"]["eta"] == [str(lora["id"]), 4]
+    note = wt.nodes_of_type(wf, "Note")[0]["widgets_values"][0]
+    assert "eta 0." in note and "eta 0.2 is an option to try" in note and "eta 0.2." not in note
 
 
 def test_flux_guidance_feeds_the_guider(object_info):
