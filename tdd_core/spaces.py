@@ -83,8 +83,12 @@ class VarianceExploding:
         s = timestep_floor(t_next, eta)
         return sigma_next if s >= t_next else _as_float(self.sigma_table[s])
 
+    def state(self, x0, eps, sigma):
+        """The latent at noise level ``sigma`` (a float or a broadcastable tensor): ``x0 + sigma eps``."""
+        return x0 + sigma * eps
+
     def jump(self, x0, eps, sigma_s: float, sigma_next: float, noise) -> torch.Tensor:
-        x = x0 + sigma_s * eps
+        x = self.state(x0, eps, sigma_s)
         std = _renoise_std(sigma_next ** 2, sigma_s ** 2)
         return x + std * noise if std > 0 else x
 
@@ -99,8 +103,16 @@ class FlowMatching:
     def target_sigma(self, sigma_next, eta: float) -> float:
         return (1.0 - check_eta(eta)) * _as_float(sigma_next)
 
+    def state(self, x0, eps, sigma):
+        """The latent at noise level ``sigma`` (a float or a broadcastable tensor): ``(1 - sigma) x0 + sigma eps``.
+
+        ``state(x0, eps(x, x0, sigma_t), sigma_s)`` is the deterministic move from ``sigma_t`` to ``sigma_s``;
+        with the velocity ``v = (x - x0) / sigma_t`` it equals the Euler step ``x + (sigma_s - sigma_t) v``
+        (the trainer's student move and FLUX teacher step, spec 5.1)."""
+        return (1.0 - sigma) * x0 + sigma * eps
+
     def jump(self, x0, eps, sigma_s: float, sigma_next: float, noise) -> torch.Tensor:
-        x_s = (1.0 - sigma_s) * x0 + sigma_s * eps
+        x_s = self.state(x0, eps, sigma_s)
         r = (1.0 - sigma_next) / (1.0 - sigma_s)
         std = _renoise_std(sigma_next ** 2, (r * sigma_s) ** 2)
         return r * x_s + std * noise if std > 0 else r * x_s

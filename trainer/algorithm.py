@@ -1,10 +1,14 @@
 """The distillation objective of spec section 5, in plain torch (no ComfyUI).
 
-Everything works in the teacher's discrete DDPM (variance preserving) convention: ``z_t = a_t x0 +
-s_t eps`` with ``a_t = sqrt(abar[t])``, ``s_t = sqrt(1 - abar[t])``. ``abar`` comes from the host's
-``model_sampling.sigmas`` (``abar = 1 / (1 + sigma^2)``). The networks are reached through
-``x0``-predicting callables (:class:`trainer.models.Teacher` converts from the host's variance
-exploding space and handles eps- and v-prediction), so this file is parameterisation-agnostic.
+A *schedule* supplies what differs between teacher families: its noise levels (``noised``), the
+deterministic move of a state to a lower level given x0 (``move_to``), the teacher's solver step
+(``teacher_step``) and any per-sample conditioning (``condition``). :class:`DiscreteSchedule` is the
+discrete DDPM (variance preserving) one of SD1.5/SD2.x/SDXL: ``z_t = a_t x0 + s_t eps`` with
+``a_t = sqrt(abar[t])``, ``s_t = sqrt(1 - abar[t])``, ``abar`` from the host's
+``model_sampling.sigmas`` (``abar = 1 / (1 + sigma^2)``); :class:`trainer.flow.FlowSchedule` is the
+flow-matching one of FLUX.1 (spec 5.1). The networks are reached through ``x0``-predicting callables
+(:class:`trainer.models.Teacher` converts from the host's spaces and parameterisations), so
+:func:`compute_loss` is the same for every family.
 
 Per-sample randomness comes from one ``torch.Generator`` per *global* sample index (see
 :func:`sample_generator`), so a batch split across processes or micro-batches draws exactly the
@@ -46,6 +50,22 @@ class DiscreteSchedule:
         a = self.sqrt_abar[idx].to(like.device, like.dtype).view(shape)
         s = self.sqrt_one_minus_abar[idx].to(like.device, like.dtype).view(shape)
         return a, s
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Spec 5.3: ``z_t = a_t x0 + s_t eps``."""
+        a_t, s_t = self.coeffs(t, x0)
+        return a_t * x0 + s_t * noise
+
+    def move_to(self, z, x0, t, target):
+        return move_to(z, x0, t, target, self)
+
+    def condition(self, cond: "Cond", draws: "SampleDraws") -> "Cond":
+        return cond
+
+    def teacher_step(self, teacher, z, t, t_prev, cond: "Cond", uncond: "Cond", w: float):
+        """Spec 5.5: the LoRA-off teacher, cond and uncond in one batched pass, one guided DDIM step t -> t'."""
+        x0_c, x0_u = teacher(torch.cat([z, z]), torch.cat([t, t]), cond.cat(uncond)).chunk(2)
+        return teacher_ddim_step(z, x0_c, x0_u, t, t_prev, w, self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,19 +131,22 @@ class SampleDraws:
     s: torch.Tensor
     empty: torch.Tensor   # bool [B]: caption replaced by the empty prompt
     noise: torch.Tensor   # [B, C, H, W]
+    u_guidance: torch.Tensor | None = None  # [B] U(0, 1): a per-sample guidance draw (FLUX's guidance range)
 
 
 def draw_batch(sampler: TargetSampler, seed: int, global_indices, latent_shape, empty_prompt_prob: float) -> SampleDraws:
     """All random choices for the samples at ``global_indices`` (order-independent, process-independent)."""
-    ts, tps, ss, empties, noises = [], [], [], [], []
+    ts, tps, ss, empties, noises, us = [], [], [], [], [], []
     for g in global_indices:
         gen = sample_generator(seed, g)
         d = sampler.draw(gen)
         empty = bool(torch.rand((1,), generator=gen, dtype=torch.float64) < empty_prompt_prob)
         noises.append(torch.randn(tuple(latent_shape), generator=gen))
+        us.append(float(torch.rand((1,), generator=gen, dtype=torch.float64)))  # last: earlier draws unchanged
         ts.append(d.t), tps.append(d.t_prev), ss.append(d.s), empties.append(empty)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return SampleDraws(as_long(ts), as_long(tps), as_long(ss), torch.tensor(empties), torch.stack(noises))
+    return SampleDraws(as_long(ts), as_long(tps), as_long(ss), torch.tensor(empties), torch.stack(noises),
+                       torch.tensor(us, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,24 +154,31 @@ def draw_batch(sampler: TargetSampler, seed: int, global_indices, latent_shape, 
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Cond:
-    """Cross-attention context [B, L, D] and, for SDXL-style models, the ADM vector ``y`` [B, A]."""
+    """Cross-attention context [B, L, D]; for SDXL-style models the ADM vector ``y`` [B, A] (FLUX: the
+    pooled CLIP-L vector); for FLUX the guidance embedding's value per sample [B]."""
 
     context: torch.Tensor
     y: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def cat(self, other: "Cond") -> "Cond":
         y = None if self.y is None else torch.cat([self.y, other.y])
-        return Cond(torch.cat([self.context, other.context]), y)
+        g = None if self.guidance is None else torch.cat([self.guidance, other.guidance])
+        return Cond(torch.cat([self.context, other.context]), y, g)
 
     def where(self, mask: torch.Tensor, other: "Cond") -> "Cond":
-        """Per sample: ``other`` where ``mask`` is true, else ``self``."""
+        """Per sample: ``other``'s text where ``mask`` is true, else ``self``'s (guidance stays ``self``'s)."""
         m = mask.to(self.context.device)
         ctx = torch.where(m.view(-1, 1, 1), other.context.expand_as(self.context), self.context)
         y = None if self.y is None else torch.where(m.view(-1, 1), other.y.expand_as(self.y), self.y)
-        return Cond(ctx, y)
+        return Cond(ctx, y, self.guidance)
+
+    def with_guidance(self, guidance: torch.Tensor) -> "Cond":
+        return Cond(self.context, self.y, guidance.to(self.context.device))
 
     def to(self, device) -> "Cond":
-        return Cond(self.context.to(device), None if self.y is None else self.y.to(device))
+        move = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return Cond(self.context.to(device), move(self.y), move(self.guidance))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,32 +237,30 @@ class StepConfig:
 
 
 def compute_loss(student: X0Fn, teacher: X0Fn, x0: torch.Tensor, cond: Cond, uncond: Cond, draws: SampleDraws,
-                 sched: DiscreteSchedule, cfg: StepConfig) -> torch.Tensor:
+                 sched, cfg: StepConfig) -> torch.Tensor:
     """One micro-batch of spec section 5 (``cond`` already has the empty-prompt replacement applied).
 
-    ``student`` runs with the LoRA on and carries gradients; ``teacher`` is the LoRA-off model.
+    ``student`` runs with the LoRA on and carries gradients; ``teacher`` is the LoRA-off model;
+    ``sched`` is the family's schedule (:class:`DiscreteSchedule`, :class:`trainer.flow.FlowSchedule`).
     """
     dev = x0.device
     t, t_prev, s = draws.t.to(dev), draws.t_prev.to(dev), draws.s.to(dev)
-    noise = draws.noise.to(dev, x0.dtype)
-    a_t, s_t = sched.coeffs(t, x0)
-    z_t = a_t * x0 + s_t * noise                                                  # 5.3
+    z_t = sched.noised(x0, draws.noise.to(dev, x0.dtype), t)                      # 5.3
+    cond = sched.condition(cond, draws)
 
-    with torch.no_grad():                                                         # 5.5 teacher, cond+uncond in one pass
-        x0_both = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), cond.cat(uncond))
-        x0_c, x0_u = x0_both.chunk(2)
-        z_prev = teacher_ddim_step(z_t, x0_c, x0_u, t, t_prev, cfg.teacher_guidance, sched)
+    with torch.no_grad():
+        z_prev = sched.teacher_step(teacher, z_t, t, t_prev, cond, uncond, cfg.teacher_guidance)  # 5.5
         x0_tgt = student(z_prev, t_prev, cond)                                    # 5.7 online student target
         if cfg.method == "lcm":
             c_skip, c_out = lcm_boundary(t_prev, z_prev)
             target = c_skip * z_prev + c_out * x0_tgt
         else:
-            target = move_to(z_prev, x0_tgt, t_prev, s, sched)
+            target = sched.move_to(z_prev, x0_tgt, t_prev, s)
 
     x0_hat = student(z_t, t, cond)                                                # 5.4
     if cfg.method == "lcm":
         c_skip, c_out = lcm_boundary(t, z_t)
         pred = c_skip * z_t + c_out * x0_hat
     else:
-        pred = move_to(z_t, x0_hat, t, s, sched)
+        pred = sched.move_to(z_t, x0_hat, t, s)
     return loss_fn(pred, target, cfg.loss, cfg.huber_c)                           # 5.8
