@@ -7,6 +7,10 @@ Fixtures (all session-scoped):
   tiny        the ``tdd_test_nodes.tiny`` module (build_tiny_sd15, write_kohya_lora, ...)
   lora_files  {"good": Path, "sdxl": Path, "corrupt": Path} in comfy_base/models/loras
   server      a started harness.ComfyServer on that base directory (marker ``server``)
+  trainer_host  (module-scoped) the in-process host, set up before a trainer test imports ``comfy``
+
+The repository root and tests/ are importable: trainer tests ``import trainer_fixtures as fx`` and
+``from trainer... import ...`` without path set-up of their own.
 
 Tests that use ``server`` are marked ``server`` automatically: ``pytest -m "not server"`` skips them.
 """
@@ -21,6 +25,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+
+if str(harness.REPO) not in sys.path:
+    sys.path.append(str(harness.REPO))
 
 GOOD_LORA = "tiny_tdd.safetensors"
 SDXL_LORA = "sdxl_other.safetensors"
@@ -68,3 +75,12 @@ def server(comfy_base, lora_files):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def trainer_host(host):
+    """The session's in-process ComfyUI is set up before a trainer test touches ``comfy`` (importing
+    ``comfy.cli_args`` first would disable the harness's argument parsing); CPU mode."""
+    import trainer_fixtures
+
+    trainer_fixtures.ensure_host("cpu")

@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tdd_core import target_set  # noqa: E402
-from trainer.algorithm import (Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch,  # noqa: E402
+from tdd_core import target_set
+from trainer.algorithm import (Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch,
                                lcm_boundary, loss_fn, move_to, sample_generator, teacher_ddim_step)
-from trainer.config import ConfigError, TrainConfig, fingerprint, parse_args  # noqa: E402
-from trainer.loop import lr_lambda  # noqa: E402
-from trainer.lora_format import atomic_save_safetensors, build_metadata, read_tdd_metadata  # noqa: E402
+from trainer.config import ConfigError, TrainConfig, fingerprint, parse_args
+from trainer.loop import lr_lambda
+from trainer.lora_format import atomic_save_safetensors, build_metadata, read_tdd_metadata
 
 TARGETS = target_set(4, 8)
 
@@ -195,14 +192,15 @@ def test_config_toml_and_flag_override(tmp_path):
 
 def test_fingerprint_ignores_bookkeeping_but_not_semantics():
     a = TrainConfig(teacher="x", data="y")
-    fa = fingerprint(a.fingerprint_fields(1, "d", "t"))
+    fa = fingerprint(a.fingerprint_fields("d", "t"))
     b = TrainConfig(teacher="x", data="y", max_steps=5, save_every=1, validate_every=3, out="o")
-    assert fingerprint(b.fingerprint_fields(1, "d", "t")) == fa
-    assert fingerprint(TrainConfig(teacher="x", data="y", batch_size=2).fingerprint_fields(1, "d", "t")) != fa
+    assert fingerprint(b.fingerprint_fields("d", "t")) == fa
+    assert fingerprint(TrainConfig(teacher="x", data="y", batch_size=2).fingerprint_fields("d", "t")) != fa
     # same global batch on two processes: same run
-    assert fingerprint(TrainConfig(teacher="x", data="y", batch_size=2).fingerprint_fields(1, "d", "t")) == \
-        fingerprint(TrainConfig(teacher="x", data="y", batch_size=1).fingerprint_fields(2, "d", "t"))
-    assert fingerprint(a.fingerprint_fields(1, "d", "other-teacher")) != fa
+    assert fingerprint(TrainConfig(teacher="x", data="y", batch_size=2).fingerprint_fields("d", "t")) == \
+        fingerprint(TrainConfig(teacher="x", data="y", batch_size=1, world_size=2).fingerprint_fields("d", "t"))
+    assert TrainConfig(teacher="x", data="y", batch_size=3, grad_accum=4, world_size=2).global_batch == 24
+    assert fingerprint(a.fingerprint_fields("d", "other-teacher")) != fa
 
 
 def test_metadata_roundtrip(tmp_path):

@@ -2,28 +2,21 @@
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trainer_fixtures as fx  # noqa: E402
+import trainer_fixtures as fx
 
-from trainer.checkpoint import ResumeError  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import DataError  # noqa: E402
-from trainer.distill import main  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.models import TeacherError, load_teacher  # noqa: E402
+from trainer.checkpoint import ResumeError
+from trainer.config import TrainConfig
+from trainer.data import DataError
+from trainer.distill import main
+from trainer.loop import train
+from trainer.models import TeacherError, load_teacher
 
+pytestmark = pytest.mark.usefixtures("trainer_host")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _comfy(host):
-    """The session's in-process ComfyUI (conftest's ``host``) is set up before anything imports ``comfy``."""
-    fx.ensure_host("cpu")
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

@@ -2,25 +2,18 @@
 stock LoraLoader path on the tiny model."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trainer_fixtures as fx  # noqa: E402
+import trainer_fixtures as fx
 
-from trainer.lora import LoRANetwork  # noqa: E402
-from trainer.lora_format import atomic_save_safetensors, build_metadata, read_tdd_metadata  # noqa: E402
-from trainer.models import Teacher, TeacherError, from_components, lora_targets  # noqa: E402
+from trainer.lora import LoRANetwork
+from trainer.lora_format import atomic_save_safetensors, build_metadata, read_tdd_metadata
+from trainer.models import Teacher, TeacherError, from_components, lora_targets
 
+pytestmark = pytest.mark.usefixtures("trainer_host")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _comfy(host):
-    """The session's in-process ComfyUI (conftest's ``host``) is set up before anything imports ``comfy``."""
-    fx.ensure_host("cpu")
 
 @pytest.mark.parametrize("arch,modules", [("sd15", 278), ("sd2x", 278), ("sdxl", 788)])
 def test_every_written_key_maps_through_host_key_map(arch, modules):
@@ -77,7 +70,7 @@ def test_trainer_lora_through_stock_lora_loader(tiny, tmp_path):
     network = LoRANetwork(teacher.lora_targets(), rank=4, alpha=2, seed=0)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for a in network.adapters.values():
+        for _, a in network.adapters():
             a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.2)
     path = tmp_path / "tdd.safetensors"
     meta = build_metadata(base_arch=teacher.arch, method="tdd", kmin=4, kmax=8, training_steps=7, rank=4, alpha=2)

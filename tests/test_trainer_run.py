@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trainer_fixtures as fx  # noqa: E402
+import trainer_fixtures as fx
 
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.distill import main  # noqa: E402
-from trainer.lora_format import read_tdd_metadata  # noqa: E402
-from trainer.loop import train  # noqa: E402
+from trainer.config import TrainConfig
+from trainer.distill import main
+from trainer.lora_format import read_tdd_metadata
+from trainer.loop import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _comfy(host):
-    """The session's in-process ComfyUI (conftest's ``host``) is set up before anything imports ``comfy``."""
-    fx.ensure_host("cpu")
+pytestmark = pytest.mark.usefixtures("trainer_host")
 
 
 REPO = fx.REPO

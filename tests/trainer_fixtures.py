@@ -4,7 +4,6 @@ Also usable as a ``--teacher`` factory in subprocesses: ``--teacher tests/traine
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -16,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from trainer.fileio import load_module  # noqa: E402
 from trainer.models import ensure_host  # noqa: E402
 
 TINY_PY = REPO / "tests" / "tdd_test_nodes" / "tiny.py"
@@ -25,13 +25,7 @@ RESOLUTION = 64  # tiny VAE: 64 px -> 8x8 latent
 def tiny_module():
     """``tests/tdd_test_nodes/tiny.py`` loaded by path (its package __init__ registers ComfyUI nodes)."""
     ensure_host("cpu")
-    name = "tdd_trainer_tiny"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TINY_PY)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_module(TINY_PY, "tdd_trainer_tiny", register=True)
 
 
 def tiny_sd15(seed: int | None = None):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fileio import atomic_path, atomic_write_text
 from .lora_format import atomic_save_safetensors
 
 log = logging.getLogger(__name__)
@@ -48,29 +48,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 def save(run_dir, step: int, lora_sd: dict, state: dict, run_info: dict, keep: int = 2) -> Path:
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:06d}"
-    tmp = run_dir / f".checkpoint-{step:06d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    atomic_save_safetensors(lora_sd, tmp / "lora.safetensors")
-    torch.save(state, tmp / "state.pt")
-    _write_json(tmp / "run.json", run_info)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = run_dir / f"latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, run_dir / "latest")
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        atomic_save_safetensors(lora_sd, tmp / "lora.safetensors")
+        torch.save(state, tmp / "state.pt")
+        atomic_write_text(tmp / "run.json", json.dumps(run_info, indent=2, sort_keys=True, default=str))
+        if final.exists():  # os.replace can't overwrite a non-empty folder
+            shutil.rmtree(final)
+    atomic_write_text(run_dir / "latest", final.name)
     ckpts = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
     for old in ckpts[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

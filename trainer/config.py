@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,14 @@ class TrainConfig:
     save_dtype: str = "fp16"
     device: str = "auto"
     progress: bool = True
+    # not a setting: the number of processes (torchrun's WORLD_SIZE)
+    world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")),
+                            metadata={"setting": False})
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all processes: batch size x accumulation x processes."""
+        return self.batch_size * self.grad_accum * self.world_size
 
     def validate(self) -> "TrainConfig":
         def bad(msg):
@@ -100,7 +109,7 @@ class TrainConfig:
             bad(f"--lr must be > 0, got {self.lr}")
         return self
 
-    def fingerprint_fields(self, world_size: int, dataset_id: str, teacher_id: str) -> dict:
+    def fingerprint_fields(self, dataset_id: str, teacher_id: str) -> dict:
         """Settings that change the training trajectory: a resumed run must match them all."""
         fields = {k: getattr(self, k) for k in (
             "method", "kmin", "kmax", "eta_max", "empty_prompt_prob", "teacher_guidance", "loss", "huber_c", "rank",
@@ -110,7 +119,7 @@ class TrainConfig:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("kmin", "kmax", "rank", "seed",
                                                                                      "warmup_steps", "resolution"):
                 fields[k] = float(v)
-        fields["global_batch"] = self.batch_size * self.grad_accum * world_size
+        fields["global_batch"] = self.global_batch
         if self.lr_schedule == "cosine":
             fields["max_steps"] = self.max_steps
         fields["dataset"] = dataset_id
@@ -120,6 +129,11 @@ class TrainConfig:
 
 def fingerprint(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig` a user sets (flags, TOML)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("setting", True)]
 
 
 def _flag(name: str) -> str:
@@ -148,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validate_every": "write a 4- and 8-step validation grid every N steps (0: never)",
         "validation_prompts": "validation prompt (repeat the flag for several; default: first dataset captions)",
     }
-    for f in dataclasses.fields(TrainConfig):
+    for f in settings():
         name, flag, h = f.name, _flag(f.name), helps.get(f.name)
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=h)
@@ -170,7 +184,7 @@ def load_toml(path) -> dict:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in settings()}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from . import checkpoint, data, models
 from .algorithm import Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch
 from .config import ConfigError, TrainConfig, fingerprint
+from .fileio import atomic_path
 from .lora import LoRANetwork, enable_gradient_checkpointing
 from .lora_format import atomic_save_safetensors, build_metadata
 
@@ -124,12 +125,10 @@ class _Log:
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one drops rows after its checkpoint
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if start_step and int(r["step"]) <= start_step]
-            tmp = self.path.with_name("log.csv.tmp")
-            with open(tmp, "w", newline="") as f:
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=self.FIELDS)
                 w.writeheader()
                 w.writerows(rows)
-            os.replace(tmp, self.path)
         new = not self.path.exists()
         self.f = open(self.path, "a", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS)
@@ -179,178 +178,217 @@ def train(cfg: TrainConfig, components=None) -> dict:
         cfg.teacher = "<components>"
     cfg.validate()
     ddp = Dist(cfg.device)
+    cfg.world_size = ddp.world
     try:
-        return _train(cfg, components, ddp)
+        run = Run(cfg, components, ddp)
+        try:
+            run.resume()
+            return run.run()
+        finally:
+            run.close()
     finally:
         ddp.close()
 
 
-def _train(cfg: TrainConfig, components, ddp: Dist) -> dict:
-    device, rank, world = ddp.device, ddp.rank, ddp.world
-    main = rank == 0
-    models.ensure_host(str(device))
-    precision = resolve_precision(cfg, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
-    teacher = _as_teacher(components, cfg, DTYPES[precision], device).to(device)
-    resolution = cfg.resolution or teacher.native_resolution
-    out_path = Path(cfg.out)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else out_path.with_name(out_path.stem + "_run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+class Run:
+    """One distillation run, in named stages: :meth:`__init__` (setup), :meth:`resume`,
+    :meth:`train_step` (one optimizer step), :meth:`validate`, :meth:`finish`; :meth:`run` drives them."""
 
-    td = data.TrainData(items, teacher, resolution, cfg.cache_dir, cfg.num_workers, skipped=len(bad))
-    if main:
-        log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
-                 teacher.name, teacher.arch, teacher.prediction, len(items), resolution, len(bad), world)
+    # ---- setup -------------------------------------------------------------------------------
+    def __init__(self, cfg: TrainConfig, components, ddp: Dist):
+        self.cfg, self.ddp = cfg, ddp
+        self.device, self.main = ddp.device, ddp.rank == 0
+        models.ensure_host(str(self.device))
+        self.precision = resolve_precision(cfg, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        self.items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
+        self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.precision], self.device).to(self.device)
+        self.resolution = cfg.resolution or teacher.native_resolution
+        self.out_path = Path(cfg.out)
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
+                                   skipped=len(bad))
+        if self.main:
+            log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
+                     teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution, len(bad),
+                     ddp.world)
+        self.network = LoRANetwork(teacher.lora_targets(), cfg.rank, cfg.alpha, seed=cfg.seed).to(self.device).attach()
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(teacher.checkpoint_blocks())
+        self.params = list(self.network.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint)
+        self.fp = fingerprint(self.fields)
+        self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
+        self.dsched = DiscreteSchedule(teacher.sigmas)
+        self.step_cfg = StepConfig(cfg.method, cfg.teacher_guidance, cfg.loss, cfg.huber_c)
+        ctx_e, pooled_e = teacher.encode_text([""])
+        self.empty_cond = teacher.make_cond(ctx_e, pooled_e, self.resolution, self.resolution)
+        self.uncond = teacher.uncond(ctx_e, pooled_e, self.resolution, self.resolution)
+        self.autocast = (torch.autocast(self.device.type, dtype=DTYPES[self.precision]) if self.precision != "fp32"
+                         else torch.autocast(self.device.type, enabled=False))
+        self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
+        self.stop, self.logger, self.bar = _StopFlag(), None, None
 
-    network = LoRANetwork(teacher.lora_targets(), cfg.rank, cfg.alpha, seed=cfg.seed).to(device).attach()
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(teacher.checkpoint_blocks())
-    params = list(network.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    fields = cfg.fingerprint_fields(world, data.dataset_id(items), teacher.fingerprint)
-    fp = fingerprint(fields)
-    global_batch = fields["global_batch"]
+    # ---- resume ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from ``--resume`` (LoRA, optimiser, schedule, scaler, RNG, data position); fill the cache."""
+        cfg = self.cfg
+        if not cfg.resume and self.main and (self.run_dir / "latest").is_file():
+            log.warning("%s holds checkpoints of an earlier run; this fresh run will replace them "
+                        "(pass --resume %s to continue that run instead)", self.run_dir, self.run_dir)
+        if cfg.resume:
+            ckpt, lora_sd, state = checkpoint.load(cfg.resume, self.fp, self.fields)
+            self.network.load_kohya_state_dict(lora_sd)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            checkpoint.set_rng_state(state["rng"])
+            self.step = int(state["step"])
+            if state["samples_seen"] != self.step * cfg.global_batch:
+                raise checkpoint.ResumeError(f"--resume {cfg.resume}: inconsistent data position in {ckpt}")
+            if self.main:
+                log.info("resumed from %s at step %d", ckpt, self.step)
+        if cfg.cache_dir:
+            self.data.precompute(self.ddp.rank, self.ddp.world)
+            self.ddp.barrier()
 
-    step = 0
-    if not cfg.resume and main and (run_dir / "latest").is_file():
-        log.warning("%s holds checkpoints of an earlier run; this fresh run will replace them "
-                    "(pass --resume %s to continue that run instead)", run_dir, run_dir)
-    if cfg.resume:
-        ckpt, lora_sd, state = checkpoint.load(cfg.resume, fp, fields)
-        network.load_kohya_state_dict(lora_sd)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step = int(state["step"])
-        if state["samples_seen"] != step * global_batch:
-            raise checkpoint.ResumeError(f"--resume {cfg.resume}: inconsistent data position in {ckpt}")
-        if main:
-            log.info("resumed from %s at step %d", ckpt, step)
+    # ---- one step ----------------------------------------------------------------------------
+    def _student(self, z, t, c):
+        return self.teacher.x0(z, t, c)
 
-    if cfg.cache_dir:
-        td.precompute(rank, world)
-        ddp.barrier()
+    def _frozen_teacher(self, z, t, c):
+        with self.network.disabled():
+            return self.teacher.x0(z, t, c)
 
-    sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
-    dsched = DiscreteSchedule(teacher.sigmas)
-    step_cfg = StepConfig(cfg.method, cfg.teacher_guidance, cfg.loss, cfg.huber_c)
-    ctx_e, pooled_e = teacher.encode_text([""])
-    empty_cond = teacher.make_cond(ctx_e, pooled_e, resolution, resolution)
-    uncond = teacher.uncond(ctx_e, pooled_e, resolution, resolution)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32"
-                else torch.autocast(device.type, enabled=False))
+    def micro_batch(self, micro: int) -> torch.Tensor:
+        """Loss of this process's slice of micro-batch ``micro`` of the current global batch (backward done)."""
+        cfg, ddp = self.cfg, self.ddp
+        base = self.step * cfg.global_batch + (micro * ddp.world + ddp.rank) * cfg.batch_size
+        gidx = list(range(base, base + cfg.batch_size))
+        x0, ctx, pooled = self.data.fetch([data.global_order(cfg.seed, g, len(self.items)) for g in gidx])
+        self.latent_shape = tuple(x0.shape[1:])
+        draws = draw_batch(self.sampler, cfg.seed, gidx, self.latent_shape, cfg.empty_prompt_prob)
+        cond = self.teacher.make_cond(ctx, pooled, self.resolution, self.resolution).where(draws.empty,
+                                                                                         self.empty_cond)
+        with self.autocast:
+            loss = compute_loss(self._student, self._frozen_teacher, x0.to(self.device), cond,
+                                _expand(self.uncond, len(gidx)), draws, self.dsched, self.step_cfg)
+        self.scaler.scale(loss / cfg.grad_accum).backward()
+        return loss.detach()
 
-    def student(z, t, c):
-        return teacher.x0(z, t, c)
+    def _all_reduce_grads(self) -> None:
+        """Average the LoRA gradients over processes (one all-reduce; what DDP does)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.ddp.all_mean_(torch.cat([g.flatten() for g in grads]))
+        for p, g in zip(self.params, torch.split(flat, [q.numel() for q in self.params])):
+            p.grad = g.view_as(p).clone()
 
-    def frozen_teacher(z, t, c):
-        with network.disabled():
-            return teacher.x0(z, t, c)
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; -> the log row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        loss_acc = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            loss_acc += self.micro_batch(micro) / cfg.grad_accum
+        if self.ddp.enabled:
+            self._all_reduce_grads()
+            self.ddp.all_mean_(loss_acc)
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        self.step += 1
+        loss_v = float(loss_acc)
+        self.losses.append(loss_v)
+        return {"step": self.step, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm),
+                "samples_per_s": cfg.global_batch / max(time.perf_counter() - t0, 1e-9)}
 
-    def run_info():
-        return {"fingerprint": fp, "fingerprint_fields": fields, "config": asdict(cfg), "world_size": world,
-                "base_arch": teacher.arch}
-
-    def save_checkpoint() -> Path | None:
+    # ---- checkpoints and validation ----------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
         path = None
-        if main:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": checkpoint.rng_state(), "step": step, "samples_seen": step * global_batch,
-                     "fingerprint": fp}
-            path = checkpoint.save(run_dir, step, network.kohya_state_dict(torch.float32), state, run_info(),
-                                   cfg.keep_checkpoints)
-        ddp.barrier()
+        if self.main:
+            state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(), "step": self.step,
+                     "samples_seen": self.step * self.cfg.global_batch, "fingerprint": self.fp}
+            info = {"fingerprint": self.fp, "fingerprint_fields": self.fields, "config": asdict(self.cfg),
+                    "world_size": self.ddp.world, "base_arch": self.teacher.arch}
+            path = checkpoint.save(self.run_dir, self.step, self.network.kohya_state_dict(torch.float32), state, info,
+                                   self.cfg.keep_checkpoints)
+        self.ddp.barrier()
         return path
 
-    val_conds = None
-
-    def validate():
-        nonlocal val_conds
+    def validate(self) -> None:
+        """A 4- and 8-step grid of the student for the validation prompts (main process)."""
         from .validation import write_grid
-        if val_conds is None:
-            prompts = cfg.validation_prompts or [it.caption for it in items if it.caption][:2] or [""]
+        cfg, teacher, res = self.cfg, self.teacher, self.resolution
+        if self.val_conds is None:
+            prompts = cfg.validation_prompts or [it.caption for it in self.items if it.caption][:2] or [""]
             ctx, pooled = teacher.encode_text(prompts)
-            val_conds = [teacher.make_cond(ctx[i:i + 1], None if pooled is None else pooled[i:i + 1],
-                                           resolution, resolution) for i in range(len(prompts))]
-        write_grid(teacher, val_conds, latent_shape, run_dir / "validation" / f"step_{step:06d}.png",
-                   seed=cfg.validation_seed)
+            self.val_conds = [teacher.make_cond(ctx[i:i + 1], None if pooled is None else pooled[i:i + 1], res, res)
+                              for i in range(len(prompts))]
+        write_grid(teacher, self.val_conds, self.latent_shape,
+                   self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed)
 
-    stop = _StopFlag().install()
-    logger = _Log(run_dir, main, step)
-    losses: list[float] = []
-    latent_shape = None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc="tdd", unit="step")
-    t_start = time.perf_counter()
-    status, last_ckpt = "done", None
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            loss_acc = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                base = step * global_batch + (micro * world + rank) * cfg.batch_size
-                gidx = list(range(base, base + cfg.batch_size))
-                x0, ctx, pooled = td.fetch([data.global_order(cfg.seed, g, len(items)) for g in gidx])
-                latent_shape = tuple(x0.shape[1:])
-                draws = draw_batch(sampler, cfg.seed, gidx, latent_shape, cfg.empty_prompt_prob)
-                cond = teacher.make_cond(ctx, pooled, resolution, resolution).where(draws.empty, empty_cond)
-                with autocast:
-                    loss = compute_loss(student, frozen_teacher, x0.to(device), cond, _expand(uncond, len(gidx)),
-                                        draws, dsched, step_cfg)
-                scaler.scale(loss / cfg.grad_accum).backward()
-                loss_acc += loss.detach() / cfg.grad_accum
-            if ddp.enabled:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                flat = ddp.all_mean_(torch.cat([g.flatten() for g in grads]))
-                for p, g in zip(params, torch.split(flat, [q.numel() for q in params])):
-                    p.grad = g.view_as(p).clone()
-                ddp.all_mean_(loss_acc)
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            lr = sched.get_last_lr()[0]
-            sched.step()
-            step += 1
-            loss_v = float(loss_acc)
-            losses.append(loss_v)
-            sps = global_batch / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.4g}", lr=f"{lr:.2e}", sps=f"{sps:.2f}")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logger.row(step=step, loss=loss_v, lr=lr, grad_norm=float(grad_norm), samples_per_s=sps,
-                           elapsed_s=time.perf_counter() - t_start)
-            stopping = ddp.any(stop.set)
-            if stopping or step % cfg.save_every == 0:
-                last_ckpt = save_checkpoint()
-            if main and cfg.validate_every and step % cfg.validate_every == 0:
-                validate()
+    # ---- finish ------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
+        if not self.main:
+            return
+        cfg, teacher = self.cfg, self.teacher
+        meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
+                              training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
+                              extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution})
+        atomic_save_safetensors(self.network.kohya_state_dict(DTYPES[cfg.save_dtype]), self.out_path, meta)
+        log.info("wrote %s (%d LoRA modules, %d steps)", self.out_path, len(self.network.prefixes), self.step)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+        cfg = self.cfg
+        self.stop.install()
+        self.logger = _Log(self.run_dir, self.main, self.step)
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), desc="tdd",
+                        unit="step")
+        t_start = time.perf_counter()
+        status, last_ckpt = "done", None
+        while self.step < cfg.max_steps:
+            row = self.train_step()
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.logger.row(**row, elapsed_s=time.perf_counter() - t_start)
+            stopping = self.ddp.any(self.stop.set)
+            if stopping or self.step % cfg.save_every == 0:
+                last_ckpt = self.save_checkpoint()
+            if self.main and cfg.validate_every and self.step % cfg.validate_every == 0:
+                self.validate()
             if stopping:
                 status = "interrupted"
-                if main:
-                    log.warning("stopped at step %d; checkpoint %s; continue with --resume %s", step, last_ckpt, run_dir)
+                if self.main:
+                    log.warning("stopped at step %d; checkpoint %s; continue with --resume %s", self.step, last_ckpt,
+                                self.run_dir)
                 break
         else:
-            if step % cfg.save_every != 0:
-                last_ckpt = save_checkpoint()
-            if main:
-                meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
-                                      training_steps=step, rank=cfg.rank, alpha=cfg.alpha,
-                                      extra={"tdd_teacher": teacher.name, "tdd_resolution": resolution})
-                atomic_save_safetensors(network.kohya_state_dict(DTYPES[cfg.save_dtype]), out_path, meta)
-                log.info("wrote %s (%d LoRA modules, %d steps)", out_path, len(network.prefixes), step)
-    finally:
-        bar.close()
-        logger.close()
-        stop.restore()
-        network.detach_hooks()
-    return {"status": status, "step": step, "out": str(out_path) if status == "done" else None,
-            "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": losses, "skipped_images": td.skipped,
-            "run_dir": str(run_dir)}
+            if self.step % cfg.save_every != 0:
+                last_ckpt = self.save_checkpoint()
+            self.finish()
+        return {"status": status, "step": self.step, "out": str(self.out_path) if status == "done" else None,
+                "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": self.losses,
+                "skipped_images": self.data.skipped, "run_dir": str(self.run_dir)}
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+        self.stop.restore()
+        self.network.detach_hooks()

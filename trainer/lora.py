@@ -15,26 +15,43 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _Weight(nn.Module):
+    """Holds one ``weight``, so an adapter's keys read ``lora_down.weight`` as in the file format."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+
 class LoRAAdapter(nn.Module):
-    """``lora_down`` / ``lora_up`` for one base layer (Linear, or Conv2d with the base's geometry)."""
+    """``lora_down`` / ``lora_up`` / ``alpha`` for one base layer (Linear, or Conv2d with the base's
+    geometry): its ``state_dict`` is the file format's keys of that module."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.scale = self.alpha / self.rank
+        self.rank, self.scale = int(rank), float(alpha) / int(rank)
         if isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise ValueError("grouped convolutions are not LoRA targets")
             self.kind = "conv"
             self.conv_args = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
-            self.down = nn.Parameter(torch.empty(rank, base.in_channels, *base.kernel_size))
-            self.up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1))
+            self.lora_down = _Weight(rank, base.in_channels, *base.kernel_size)
+            self.lora_up = _Weight(base.out_channels, rank, 1, 1)
         elif isinstance(base, nn.Linear):
             self.kind = "linear"
-            self.down = nn.Parameter(torch.empty(rank, base.in_features))
-            self.up = nn.Parameter(torch.zeros(base.out_features, rank))
+            self.lora_down = _Weight(rank, base.in_features)
+            self.lora_up = _Weight(base.out_features, rank)
         else:
             raise TypeError(f"LoRA targets Linear/Conv2d layers, not {type(base).__name__}")
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    @property
+    def down(self) -> nn.Parameter:
+        return self.lora_down.weight
+
+    @property
+    def up(self) -> nn.Parameter:
+        return self.lora_up.weight
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """kohya's init: down ~ kaiming-uniform(a=sqrt(5)), up = 0 (student == teacher at step 0)."""
@@ -52,7 +69,10 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRANetwork(nn.Module):
-    """Adapters keyed by kohya prefix (``lora_unet_...``), hooked into their base layers."""
+    """Adapters registered under their kohya prefix (``lora_unet_...``), hooked into their base layers.
+
+    ``state_dict()`` is the LoRA file: ``<prefix>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+    """
 
     def __init__(self, targets: dict[str, nn.Module], rank: int = 64, alpha: float = 8.0, seed: int = 0):
         super().__init__()
@@ -60,26 +80,26 @@ class LoRANetwork(nn.Module):
             raise ValueError("no LoRA target modules found")
         self.rank, self.alpha = int(rank), float(alpha)
         self.prefixes = sorted(targets)
-        self.adapters = nn.ModuleDict()
         gen = torch.Generator().manual_seed(int(seed))
         for prefix in self.prefixes:
+            if "." in prefix or hasattr(self, prefix):
+                raise ValueError(f"bad LoRA module prefix {prefix!r}")
             adapter = LoRAAdapter(targets[prefix], rank, alpha)
             adapter.reset_parameters(gen)
-            self.adapters[self._key(prefix)] = adapter
+            self.add_module(prefix, adapter)
         self.enabled = True
         self._targets = targets
         self._handles = []
 
-    @staticmethod
-    def _key(prefix: str) -> str:
-        return prefix.replace(".", "_")
+    def adapters(self):
+        """(prefix, adapter) pairs in prefix order."""
+        return [(p, self.get_submodule(p)) for p in self.prefixes]
 
     def attach(self) -> "LoRANetwork":
         """Register forward hooks on the base layers (idempotent)."""
         if self._handles:
             return self
-        for prefix in self.prefixes:
-            adapter = self.adapters[self._key(prefix)]
+        for prefix, adapter in self.adapters():
             self._handles.append(self._targets[prefix].register_forward_hook(self._make_hook(adapter)))
         return self
 
@@ -106,28 +126,22 @@ class LoRANetwork(nn.Module):
 
     # ---- kohya-format state -------------------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The file's tensors on the CPU: weights in ``dtype`` (default: as trained), alpha in fp32."""
         out = {}
-        for prefix in self.prefixes:
-            a = self.adapters[self._key(prefix)]
-            down, up = a.down.detach(), a.up.detach()
-            if dtype is not None:
-                down, up = down.to(dtype), up.to(dtype)
-            out[f"{prefix}.lora_down.weight"] = down.cpu()
-            out[f"{prefix}.lora_up.weight"] = up.cpu()
-            out[f"{prefix}.alpha"] = torch.tensor(self.alpha)
+        for k, v in self.state_dict().items():
+            v = v.detach()
+            if dtype is not None and not k.endswith(".alpha"):
+                v = v.to(dtype)
+            out[k] = v.float().cpu() if k.endswith(".alpha") else v.cpu()
         return out
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        expected = {f"{p}.{s}" for p in self.prefixes for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+        expected = set(self.state_dict())
         missing, unexpected = expected - set(sd), set(sd) - expected
         if missing or unexpected:
             raise ValueError(f"LoRA state does not fit this model: {len(missing)} missing keys "
                              f"(e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})")
-        with torch.no_grad():
-            for prefix in self.prefixes:
-                a = self.adapters[self._key(prefix)]
-                a.down.copy_(sd[f"{prefix}.lora_down.weight"])
-                a.up.copy_(sd[f"{prefix}.lora_up.weight"])
+        self.load_state_dict(sd)
 
 
 def enable_gradient_checkpointing(blocks) -> None:

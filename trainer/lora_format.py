@@ -8,7 +8,6 @@ Keys: ``lora_unet_<diffusers module path, dots as underscores>.lora_down.weight`
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import torch
@@ -60,15 +59,10 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: di
     """Write ``path`` via a temporary file in the same folder and ``os.replace`` (never half-written)."""
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
 
 
 def read_header_metadata(path) -> dict[str, str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .algorithm import Cond
+from .fileio import load_module
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,9 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> Teacher:
 def _load_factory(spec: str):
     target, _, func = spec.rpartition(":")
     if target.endswith(".py"):
-        mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        if mod_spec is None or not Path(target).is_file():
+        if not Path(target).is_file():
             raise TeacherError(f"teacher factory file not found: {target}")
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        module = load_module(target)
     else:
         module = importlib.import_module(target)
     fn = getattr(module, func, None)

@@ -9,6 +9,8 @@ import torch
 
 from tdd_core import VarianceExploding, default_noise_sampler, sample_tdd, tdd_timesteps
 
+from .fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +39,7 @@ def write_grid(teacher, conds: list, latent_shape, path, seed: int = 0, steps=(4
     grid = torch.cat(rows, dim=0)
     img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     log.info("validation grid (%s steps) -> %s", "/".join(map(str, steps)), path)
     return path
