@@ -182,3 +182,86 @@ def test_svd_lora_on_an_image_model_is_refused(host, comfy_base, diffusers_modul
     with pytest.raises(ValueError, match=r"'svd_kohya_r1.safetensors' does not fit this model: \d+ of 574 LoRA"):
         run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name="svd_kohya_r1.safetensors",
                  strength_model=1.0, strength_clip=1.0)
+
+
+# ------------------------------------------------------------------------------------------ the workflow
+
+SMALL_SVD = {"model_channels": 32, "context_dim": 32, "num_head_channels": 16}  # SVD-xt's layout, narrow
+WORKFLOW_LORA = "svd-xt-1-1_tdd_lora_weights.safetensors"  # the name the shipped SVD workflow loads
+
+
+@pytest.fixture(scope="module")
+def small_svd(gen, tiny, diffusers_modules):
+    """ComfyUI's SVD model class (SVD_img2vid: EDM v-prediction, video UNet) at SVD-xt's block layout
+    with narrow channels, seeded random weights, as a ModelPatcher."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet = gen.diffusers_svd_unet()
+    config = comfy.supported_models.SVD_img2vid(dict(gen.comfy_unet_config(unet.config), **SMALL_SVD))
+    config.unet_config.update(SMALL_SVD)  # the class's extras set 64-channel heads
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    tiny.seeded_init_(model.diffusion_model, 0)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def small_svd_lora(path, svd_keys, model) -> None:
+    """A random kohya LoRA with alpha on all 574 diffusers module names, sized for ``model``."""
+    sd = model.model.state_dict()
+    shapes = {p: tuple(sd[f"diffusion_model.{t}.weight"].shape) for p, t in svd_keys.svd_module_map().items()}
+    write_svd_lora(path, shapes, "kohya", 1.0, rank=2, seed=1)
+
+
+def test_svd_workflow_runs_with_the_lora_on_a_small_svd_model(host, comfy_base, svd_keys, small_svd):
+    """The shipped SVD workflow's graph (TDD LoRA Loader -> VideoLinearCFGGuidance -> SamplerCustom with
+    TDD Scheduler / TDD Sampler at its settings) runs on a small SVD-configured model with an SVD LoRA on
+    all 574 modules: every step is taken, and the LoRA changes the video."""
+    import comfy.utils
+
+    small_svd_lora(comfy_base / "models" / "loras" / "svd_small.safetensors", svd_keys, small_svd)
+    out = run_node(host, "TDDLoraLoader", model=small_svd, clip=None, lora_name="svd_small.safetensors",
+                   strength_model=1.0, strength_clip=1.0)
+    assert len(out[0].patches) == 574, out[2]
+    frames, ctx = 2, SMALL_SVD["context_dim"]
+    gen = torch.Generator().manual_seed(0)
+    extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0,
+             "concat_latent_image": torch.randn((1, 4, 8, 8), generator=gen)}
+    positive = [[torch.randn((1, 1, ctx), generator=gen), dict(extra)]]
+    negative = [[torch.zeros((1, 1, ctx)), dict(extra, concat_latent_image=torch.zeros((1, 4, 8, 8)))]]
+    latent = {"samples": torch.zeros((frames, 4, 8, 8))}
+
+    def video(model):
+        (guided,) = run_node(host, "VideoLinearCFGGuidance", model=model, min_cfg=1.0)
+        (sigmas,) = run_node(host, "TDDScheduler", model=guided, steps=4, non_equidistant=False, denoise=1.0)
+        (sampler,) = run_node(host, "TDDSampler", eta=0.3, x0_clip_steps=0)
+        steps = []
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: steps.append(value))
+        try:
+            samples, _ = run_node(host, "SamplerCustom", model=guided, add_noise=True, noise_seed=42, cfg=2.0,
+                                  positive=positive, negative=negative, sampler=sampler, sigmas=sigmas,
+                                  latent_image=latent)
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        assert len(sigmas) == 5 and steps[-1] == 4, steps
+        return samples["samples"]
+
+    with_lora, without = video(out[0]), video(small_svd)
+    assert with_lora.shape == (frames, 4, 8, 8) and torch.isfinite(with_lora).all()
+    assert not torch.allclose(with_lora, without)
+
+
+def test_svd_workflow_with_the_lora_passes_server_validation(server, comfy_base, svd_keys, small_svd):
+    """workflows/svd_tdd_img2vid.json with an SVD LoRA file of the name it loads: the server's prompt
+    validation accepts the LoRA node; only the checkpoint and the input image (not shipped) are missing."""
+    import workflow_tools as wt
+
+    small_svd_lora(comfy_base / "models" / "loras" / WORKFLOW_LORA, svd_keys, small_svd)
+    api = wt.to_api(wt.load(REPO / "workflows" / "svd_tdd_img2vid.json"), server.object_info())
+    assert any(n["class_type"] == "TDDLoraLoader" and n["inputs"]["lora_name"] == WORKFLOW_LORA for n in api.values())
+    status, payload = server.queue(api)
+    assert status == 400, payload
+    errors = {(ne["class_type"], (e.get("extra_info") or {}).get("input_name"))
+              for ne in payload["node_errors"].values() for e in ne["errors"]}
+    assert errors == {("ImageOnlyCheckpointLoader", "ckpt_name"), ("LoadImage", "image")}, errors
