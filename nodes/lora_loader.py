@@ -91,7 +91,7 @@ def load_tdd_lora(model, clip, path: str, strength_model: float, strength_clip: 
     key_map = svd_keys.add_svd_keys(model.model, comfy.lora.model_lora_keys_unet(model.model, {}))
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    missing = unmatched_modules(lora, key_map)
+    missing = unmatched_modules(lora, key_map) + svd_keys.misfits(model.model, lora, key_map, module_of)
     if missing:
         total = len({module_of(k) for k in lora})
         raise LoRAMismatchError(

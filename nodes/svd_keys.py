@@ -77,3 +77,29 @@ def to_host_names(lora: dict, key_map: dict, module_of) -> dict:
             key = target[: -len(".weight")] + key[len(module):]
         out[key] = value
     return out
+
+
+def low_rank_pair(lora: dict, module: str):
+    """(down, up) shapes of ``module``'s LoRA factors (kohya or PEFT names), or None for other adapter kinds."""
+    for down, up in (("lora_down", "lora_up"), ("lora_A", "lora_B")):
+        if f"{module}.{down}.weight" in lora and f"{module}.{up}.weight" in lora:
+            return tuple(lora[f"{module}.{down}.weight"].shape), tuple(lora[f"{module}.{up}.weight"].shape)
+    return None
+
+
+def misfits(base_model, lora: dict, key_map: dict, module_of) -> list[str]:
+    """Modules of ``lora`` that have a layer in a spatio-temporal ``base_model`` but of another shape (e.g. an
+    SVD-xt file on SV3D, whose added-condition embedding is narrower); ComfyUI would skip them at patch time,
+    loading the file partially. [] for other models."""
+    if not is_spatio_temporal(base_model):
+        return []
+    shapes = {k: tuple(v.shape) for k, v in base_model.state_dict().items()}
+    out = []
+    for module in sorted({module_of(k) for k in lora}):
+        weight, pair = shapes.get(key_map.get(module, "")), low_rank_pair(lora, module)
+        if weight is None or pair is None:
+            continue
+        (_, d_in, *kernel), (d_out, *_) = pair
+        if (d_out, d_in, *kernel) != weight:
+            out.append(module)
+    return out

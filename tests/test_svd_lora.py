@@ -174,6 +174,23 @@ def test_svd_lora_with_modules_the_model_lacks_is_refused(host, comfy_base, diff
                  strength_model=1.0, strength_clip=1.0)
 
 
+def test_svd_xt_lora_on_sv3d_is_refused_not_partly_loaded(host, gen, comfy_base, diffusers_modules):
+    """SV3D shares SVD's layout but its added-condition embedding takes 256 inputs, not 768: the one
+    module of another shape is counted as unmatched instead of being skipped at patch time."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = dict(gen.comfy_unet_config(gen.diffusers_svd_unet().config), adm_in_channels=256)
+    model = comfy.supported_models.SV3D_u(unet_config).get_model({}, device=torch.device("meta"))
+    sv3d = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    write_svd_lora(comfy_base / "models" / "loras" / "svd_for_sv3d.safetensors", diffusers_modules, "peft", None,
+                   rank=1)
+    with pytest.raises(ValueError, match=r"'svd_for_sv3d.safetensors' does not fit this model: 1 of 574 LoRA modules "
+                                         r"have no matching layer \(e.g. add_embedding.linear_1\)"):
+        run_node(host, "TDDLoraLoader", model=sv3d, clip=None, lora_name="svd_for_sv3d.safetensors",
+                 strength_model=1.0, strength_clip=1.0)
+
+
 def test_svd_lora_on_an_image_model_is_refused(host, comfy_base, diffusers_modules):
     """An SVD LoRA on an SD1.5-class model: refused with the count of unmatched modules, nothing loaded."""
     write_svd_lora(comfy_base / "models" / "loras" / "svd_kohya_r1.safetensors", diffusers_modules, "kohya", 1.0,
