@@ -34,6 +34,19 @@ fi
 if ! "$VENV/bin/python" -c "import spandrel" 2>/dev/null; then
   pip install --no-deps spandrel
 fi
+# Browser tests (tests/test_browser.py): Debian's Chromium driven by Playwright. Playwright's own
+# browser download is not used (no network for it); the tests launch /usr/bin/chromium.
+# TDD_NO_BROWSER=1 skips the apt step (then run the tests with -m "not browser").
+if [ -z "${TDD_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  log "installing Debian's chromium for the browser tests (apt-get, once)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >&2
+fi
+if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
+  log "pip install playwright (browser tests)"
+  pip install "playwright==1.65.2"
+fi
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
   COMFYUI_PATH="$host_dir/ComfyUI"

@@ -1,0 +1,187 @@
+"""The ComfyUI frontend in a real browser: Debian's Chromium driven by Playwright (sync API).
+
+Used by ``tests/test_browser.py``. Chromium comes from apt (``scripts/bootstrap.sh``), never from
+Playwright's own browser download.
+
+:class:`Frontend` wraps one page on a running :class:`harness.ComfyServer`: it waits for the app,
+loads UI-format workflows as the Workflow menu does, clicks Run, takes screenshots, and collects
+console and page errors, of which :func:`is_host_noise` drops the few the host itself logs on a
+machine with no network and a fresh user directory (they appear with no custom nodes at all).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHROMIUM = os.environ.get("TDD_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1600, "height": 1000}
+READY_JS = "() => !!(window.app && window.app.graph && window.LiteGraph && window.app.canvas)"
+MISSING_NODES_DIALOG = '[role=dialog][aria-labelledby="global-missing-nodes"]'
+TEMPLATES_DIALOG = '[role=dialog][aria-labelledby="global-workflow-template-selector"]'
+ERROR_DIALOG = '[role=dialog][aria-labelledby="global-error"]'
+SEARCH_PLACEHOLDER = "Search Nodes..."
+
+
+@dataclass(frozen=True)
+class ConsoleEntry:
+    kind: str   # "error" (console.error) or "pageerror" (uncaught exception)
+    text: str
+    url: str    # the console message's location (for a failed resource: its URL)
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.text.splitlines()[0] if self.text else ''} ({self.url})"
+
+
+# (message start, URL pattern or None, message must also contain). Each names one known host noise.
+_NOT_FOUND = "Failed to load resource: the server responded with a status of 404"
+HOST_NOISE = (
+    # A fresh user directory has no user.css, favicon, saved workflows/subgraphs or template index.
+    (_NOT_FOUND, re.compile(r"^https?://[^/]+/(api/userdata/)?user\.css$"), ""),
+    (_NOT_FOUND, re.compile(r"^https?://[^/]+/favicon\.ico$"), ""),
+    (_NOT_FOUND, re.compile(r"^https?://[^/]+/api/userdata\?dir=(workflows|subgraphs%2F)&"), ""),
+    (_NOT_FOUND, re.compile(r"^https?://[^/]+/api/userdata/comfy\.templates\.json$"), ""),
+    # The online registry / release API is unreachable from test machines.
+    ("Failed to load resource: net::ERR_NAME_NOT_RESOLVED", re.compile(r"^https://api\.comfy\.org/"), ""),
+    # comfyui-frontend-package 1.32.9 at boot, with or without custom nodes.
+    ("TypeError: Cannot read properties of undefined (reading 'id')", None, "at onChange ("),
+)
+
+
+def is_host_noise(entry: ConsoleEntry) -> bool:
+    """Whether ``entry`` is one of the host's own known messages (see ``HOST_NOISE``)."""
+    for start, url_pattern, contains in HOST_NOISE:
+        if (entry.kind == "error" and entry.text.startswith(start) and contains in entry.text
+                and (url_pattern is None or url_pattern.search(entry.url))):
+            return True
+    return False
+
+
+def missing_input_image(entry: ConsoleEntry, filenames) -> bool:
+    """A 404 preview of an input image the loaded workflow names (the user supplies it, as a model)."""
+    if entry.kind != "error" or not entry.text.startswith(_NOT_FOUND):
+        return False
+    return any(re.search(r"/api/view\?type=input&filename=" + re.escape(name) + r"&", entry.url) for name in filenames)
+
+
+def launch(playwright):
+    """Debian's Chromium, headless; a clear error when it is not installed."""
+    if not Path(CHROMIUM).is_file():
+        raise FileNotFoundError(f"no Chromium at {CHROMIUM}: run scripts/bootstrap.sh (apt-get install chromium) "
+                                "or set TDD_CHROMIUM")
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+
+
+class Frontend:
+    """One browser page on the ComfyUI server at ``url``; screenshots go to ``shots``."""
+
+    def __init__(self, context, url: str, shots: Path):
+        self.page = context.new_page()
+        self.url = url
+        self.shots = Path(shots)
+        self.shots.mkdir(parents=True, exist_ok=True)
+        self.console: list[ConsoleEntry] = []
+        self.page.on("console", self._on_console)
+        self.page.on("pageerror", lambda err: self.console.append(ConsoleEntry("pageerror", str(err), "")))
+
+    def _on_console(self, msg) -> None:
+        if msg.type == "error":
+            self.console.append(ConsoleEntry("error", msg.text, (msg.location or {}).get("url", "")))
+
+    # -- app ---------------------------------------------------------------------------------------
+    def open(self, timeout_s: float = 90.0) -> "Frontend":
+        """Load the app and wait until its graph and canvas exist."""
+        self.page.goto(self.url)
+        self.page.wait_for_function(READY_JS, timeout=timeout_s * 1000)
+        return self
+
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
+
+    def problems(self, allow=lambda entry: False, settle_s: float = 0.5) -> list[str]:
+        """Console errors and page errors since the last call that are neither host noise nor
+        ``allow``-ed; the collected messages are cleared."""
+        time.sleep(settle_s)
+        entries, self.console = self.console, []
+        return [str(e) for e in entries if not is_host_noise(e) and not allow(e)]
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return path
+
+    # -- graph -------------------------------------------------------------------------------------
+    def load_workflow(self, workflow: dict, name: str) -> None:
+        """Open a UI-format workflow as the Workflow menu does (a new tab named ``name``)."""
+        self.js("([wf, name]) => app.loadGraphData(wf, true, true, name)", [workflow, name])
+        self.fit_view()
+
+    def fit_view(self) -> None:
+        """Zoom to fit the whole graph (View > Zoom to fit) for the screenshots."""
+        self.js("async () => { app.canvas.deselectAll(); await app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+        time.sleep(0.4)  # the zoom is animated
+
+    def node_types(self) -> list[str]:
+        return self.js("() => app.graph.nodes.map(n => n.type)")
+
+    def unregistered_types(self) -> list[str]:
+        return self.js("() => app.graph.nodes.map(n => n.type).filter(t => !(t in LiteGraph.registered_node_types))")
+
+    def nodes_with_errors(self) -> list[str]:
+        return self.js("() => app.graph.nodes.filter(n => n.has_errors).map(n => `${n.id} ${n.type}`)")
+
+    def set_widgets(self, node_type: str, values: dict) -> None:
+        """Set widget values of the (single) node of ``node_type`` as its widget callbacks would."""
+        self.js("""([type, values]) => {
+            const node = app.graph.nodes.find(n => n.type === type);
+            for (const [name, value] of Object.entries(values)) {
+                const w = node.widgets.find(w => w.name === name);
+                w.value = value;
+                w.callback?.(value, app.canvas, node);
+            }
+            app.graph.setDirtyCanvas(true, true);
+        }""", [node_type, values])
+
+    # -- running -----------------------------------------------------------------------------------
+    def _queued(self, click) -> tuple[int, dict]:
+        """Do ``click`` and return the status and JSON of the POST /prompt it sends."""
+        is_prompt = lambda r: r.request.method == "POST" and r.url.rstrip("/").endswith("/prompt")
+        with self.page.expect_response(is_prompt, timeout=30_000) as info:
+            click()
+        response = info.value
+        try:
+            body = response.json()
+        except (ValueError, json.JSONDecodeError):
+            body = {"raw": response.text()}
+        return response.status, body
+
+    def click_run(self) -> tuple[int, dict]:
+        """Press the Run button -> (status, JSON) of the POST /prompt it sends."""
+        return self._queued(lambda: self.page.get_by_role("button", name="Run", exact=True).click())
+
+    def click_node_title(self, title: str) -> None:
+        """Click the title bar of the node titled ``title`` (selects it)."""
+        x, y = self.js("""(title) => { const n = app.graph.nodes.find(n => n.title === title);
+            const ds = app.canvas.ds, rect = app.canvas.canvas.getBoundingClientRect();
+            return [rect.left + (n.pos[0] + 40 + ds.offset[0]) * ds.scale,
+                    rect.top + (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2 + ds.offset[1]) * ds.scale]; }""", title)
+        self.page.mouse.click(x, y)
+
+    def run_selected_output(self, title: str) -> tuple[int, dict]:
+        """Select the output node titled ``title`` and press the run button of the selection
+        toolbox that appears over it (runs only that output's branch)."""
+        self.click_node_title(title)
+        button = self.page.locator(".selection-toolbox button:has(i[class*='lucide--play'])")
+        return self._queued(lambda: button.click())
+
+    def output_images(self, node_type: str = "SaveImage") -> list[dict]:
+        """The images the UI shows on the nodes of ``node_type``: src and loaded natural size."""
+        return self.js("""(type) => app.graph.nodes.filter(n => n.type === type).flatMap(n =>
+            (n.imgs || []).map(img => ({node: n.id, title: n.title, src: img.src, complete: img.complete,
+                                        width: img.naturalWidth, height: img.naturalHeight})))""", node_type)

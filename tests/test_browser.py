@@ -1,0 +1,315 @@
+"""The pack as users work with it: the ComfyUI frontend in Debian's Chromium (Playwright), on the
+session's real server with the pack installed.
+
+- a first visit opens the Templates browser, which lists the pack's workflows under its name;
+- every shipped workflow loads with no missing-nodes dialog, no unregistered node type and no
+  console or page error (the host's own known messages are filtered by pattern, see browser_ui);
+- the node search lists every TDD node, and adding one puts it on the canvas with its widgets and
+  their defaults;
+- the demo workflow queued from the Run button finishes and its images show on the canvas;
+- a bad value (TDD Guidance guidance_start > guidance_end) shows the node's error in the UI, and
+  the next valid run succeeds.
+
+Screenshots of each step: out/browser/ (looked at by people, not compared). Marker ``browser``:
+``pytest -m "not browser"`` leaves these out.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+
+import browser_ui
+import harness
+import workflow_tools as wt
+
+pytestmark = pytest.mark.browser
+
+WORKFLOWS = sorted((harness.REPO / "workflows").glob("*.json"))
+SHOTS = harness.REPO / "out" / "browser"
+DEMO = harness.REPO / "workflows" / "tdd_demo.json"
+RUN_TIMEOUT_S = 300  # as harness.ComfyServer.run: a busy shared machine can be slow
+TDD_OUTPUT_TITLE = "TDD image"  # the demo's SaveImage fed by the TDD branch
+
+
+@pytest.fixture(scope="module")
+def shots():
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    SHOTS.mkdir(parents=True)
+    return SHOTS
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = browser_ui.launch(p)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.object_info()
+
+
+def set_tutorial_completed(server, done: bool) -> None:
+    """The user setting that decides whether the app opens the Templates browser on load."""
+    status, _ = server._request("POST", "/settings/Comfy.TutorialCompleted", done)
+    assert status == 200
+
+
+@pytest.fixture(scope="module")
+def ui(server, browser, shots):
+    """A returning user's page (no Templates browser on load), shared by the module's tests."""
+    set_tutorial_completed(server, True)
+    context = browser.new_context(viewport=browser_ui.VIEWPORT)
+    try:
+        front = browser_ui.Frontend(context, server.url, shots).open()
+        assert front.problems() == []
+        yield front
+    finally:
+        context.close()
+
+
+def pack_nodes(object_info: dict) -> dict:
+    """The pack's node types (from its own module, not the test-only pack) -> their /object_info."""
+    return {name: info for name, info in object_info.items()
+            if info.get("python_module") == f"custom_nodes.{harness.PACK_DIRNAME}"}
+
+
+def widget_defaults(info: dict) -> dict:
+    """{widget input: the value a new node starts with} (a combo without default: its first option)."""
+    out = {}
+    for slot in wt.widget_slots(info):
+        if slot.kind != "value":
+            continue
+        spec = slot.spec
+        out[slot.name] = spec.opts["default"] if "default" in spec.opts else (spec.options or [None])[0]
+    return out
+
+
+def same_value(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, abs_tol=1e-9)
+    return a == b
+
+
+# ------------------------------------------------------------------------------------------------
+# First visit: the Templates browser
+# ------------------------------------------------------------------------------------------------
+
+def test_first_visit_lists_the_pack_workflows_in_templates(server, browser, shots):
+    set_tutorial_completed(server, False)  # a new user: no settings of theirs, no saved workflow
+    context = browser.new_context(viewport=browser_ui.VIEWPORT)
+    try:
+        front = browser_ui.Frontend(context, server.url, shots).open()
+        dialog = front.page.locator(browser_ui.TEMPLATES_DIALOG)
+        dialog.wait_for(timeout=30_000)
+        front.shot("01_first_visit_templates")
+        dialog.get_by_text(harness.PACK_DIRNAME, exact=True).first.click()
+        dialog.get_by_text(f"Showing {len(WORKFLOWS)} of {len(WORKFLOWS)} templates").wait_for(timeout=10_000)
+        for path in WORKFLOWS:
+            assert dialog.get_by_text(path.stem, exact=True).is_visible(), f"{path.stem} not listed under the pack"
+        front.shot("02_templates_of_the_pack")
+        # Opening one, as a user would, loads it with every node known.
+        dialog.get_by_text(DEMO.stem, exact=True).click()
+        dialog.wait_for(state="hidden", timeout=10_000)
+        front.page.wait_for_function("() => app.graph.nodes.length > 0", timeout=10_000)
+        assert sorted(front.node_types()) == sorted(n["type"] for n in wt.load(DEMO)["nodes"])
+        assert front.unregistered_types() == [] and front.page.locator(browser_ui.MISSING_NODES_DIALOG).count() == 0
+        front.fit_view()
+        front.shot("03_template_opened")
+        assert front.problems() == []
+    finally:
+        context.close()
+        set_tutorial_completed(server, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every shipped workflow loads
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_loads_in_the_frontend(ui, object_info, path):
+    wf = wt.load(path)
+    ui.load_workflow(wf, path.name)
+    ui.shot(f"10_workflow_{path.stem}")
+    assert ui.page.locator(browser_ui.MISSING_NODES_DIALOG).count() == 0, "missing-nodes dialog shown"
+    assert ui.unregistered_types() == []
+    assert sorted(ui.node_types()) == sorted(n["type"] for n in wf["nodes"])
+    assert ui.nodes_with_errors() == []
+    images = [v["image"] for n in wf["nodes"] if n["type"] == "LoadImage"
+              for v in [wt.widget_values(n, object_info["LoadImage"])]]
+    assert ui.problems(allow=lambda e: browser_ui.missing_input_image(e, images)) == []
+
+
+def test_unknown_node_type_is_caught(ui):
+    """The checks above see a node type the server does not have (missing-nodes dialog)."""
+    wf = wt.load(DEMO)
+    wf["nodes"][1]["type"] = "TDDNodeThatDoesNotExist"
+    ui.load_workflow(wf, "broken.json")
+    dialog = ui.page.locator(browser_ui.MISSING_NODES_DIALOG)
+    dialog.wait_for(timeout=10_000)
+    assert "TDDNodeThatDoesNotExist" in dialog.inner_text()
+    assert ui.unregistered_types() == ["TDDNodeThatDoesNotExist"]
+    ui.shot("19_unknown_node_caught")
+    ui.page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden", timeout=10_000)
+    ui.problems()  # what the frontend logs about the broken file is not the pack's
+
+
+# ------------------------------------------------------------------------------------------------
+# Node search
+# ------------------------------------------------------------------------------------------------
+
+SEARCH_SPOT = (0.45, 0.6)  # where on the canvas the search box is opened (fraction of its size)
+
+
+def open_search(ui):
+    """Double-click the empty canvas spot SEARCH_SPOT -> the search box's input."""
+    canvas = ui.page.locator("#graph-canvas")
+    box = canvas.bounding_box()
+    canvas.dblclick(position={"x": box["width"] * SEARCH_SPOT[0], "y": box["height"] * SEARCH_SPOT[1]})
+    search = ui.page.get_by_placeholder(browser_ui.SEARCH_PLACEHOLDER)
+    search.wait_for(timeout=10_000)
+    return search
+
+
+def add_from_search(ui, display_name: str) -> dict:
+    """Search ``display_name``, click its result -> the new node's type and widgets; the node is
+    then moved into a row above the search spot, which stays empty for the next search."""
+    before = ui.js("() => app.graph.nodes.length")
+    search = open_search(ui)
+    search.fill(display_name)
+    option = ui.page.get_by_role("option").filter(has_text=display_name).first
+    option.wait_for(timeout=10_000)
+    option.click()
+    ui.page.wait_for_function(f"() => app.graph.nodes.length === {before + 1}", timeout=10_000)
+    return ui.js("""(i) => { const n = app.graph.nodes.at(-1);
+        const added = {type: n.type, widgets: (n.widgets || []).map(w => [w.name, w.value])};
+        n.pos = [n.pos[0] - 1200 + 360 * i, n.pos[1] - 500]; app.graph.setDirtyCanvas(true, true);
+        return added; }""", before)
+
+
+def test_node_search_lists_and_adds_every_tdd_node(ui, object_info):
+    nodes = pack_nodes(object_info)
+    assert len(nodes) >= 6, sorted(nodes)
+    ui.js("() => app.graph.clear()")
+    search = open_search(ui)
+    search.fill("TDD")
+    ui.page.get_by_role("option").filter(has_text="TDD").first.wait_for(timeout=10_000)
+    ui.page.wait_for_timeout(500)
+    texts = ui.page.get_by_role("option").all_inner_texts()
+    listed = [t.splitlines()[0].replace("\xa0", " ").strip() for t in texts if t.strip()]
+    ui.shot("20_search_tdd")
+    missing = sorted(info["display_name"] for info in nodes.values() if info["display_name"] not in listed)
+    assert not missing, f"not in the search results {listed}: {missing}"
+    search.fill("")  # (closing the box with text typed makes the frontend log an error of its own)
+    ui.page.keyboard.press("Escape")
+
+    for name, info in sorted(nodes.items()):
+        added = add_from_search(ui, info["display_name"])
+        assert added["type"] == name
+        values = dict(added["widgets"])
+        for widget, default in widget_defaults(info).items():
+            assert widget in values, f"{name}: no widget {widget!r} ({added['widgets']})"
+            assert same_value(values[widget], default), f"{name}.{widget} = {values[widget]!r}, default {default!r}"
+    ui.fit_view()
+    ui.shot("21_all_tdd_nodes_added")
+    assert sorted(ui.node_types()) == sorted(nodes)
+    assert ui.problems() == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the demo from the Run button
+# ------------------------------------------------------------------------------------------------
+
+def demo_image_size(object_info) -> tuple[int, int]:
+    (latent,) = wt.node_widgets(wt.load(DEMO), object_info, "EmptyLatentImage")
+    return latent["width"], latent["height"]
+
+
+def wait_for_images(ui, object_info, server, prompt_id, expected_count: int):
+    entry = server.wait(prompt_id, timeout=RUN_TIMEOUT_S)
+    assert entry["status"]["status_str"] == "success", harness.execution_error(entry)
+    width, height = demo_image_size(object_info)
+    ui.page.wait_for_function(
+        """([count, w, h]) => { const imgs = app.graph.nodes.filter(n => n.type === 'SaveImage')
+              .flatMap(n => n.imgs || []);
+            return imgs.length === count && imgs.every(i => i.complete && i.naturalWidth === w && i.naturalHeight === h); }""",
+        arg=[expected_count, width, height], timeout=30_000)
+    return entry
+
+
+def test_demo_runs_from_the_run_button_and_shows_its_images(ui, server, object_info):
+    wf = wt.load(DEMO)
+    ui.load_workflow(wf, DEMO.name)
+    assert ui.problems() == []
+    status, body = ui.click_run()
+    assert status == 200 and body.get("node_errors") == {}, body
+    saves = len(wt.nodes_of_type(wf, "SaveImage"))
+    entry = wait_for_images(ui, object_info, server, body["prompt_id"], saves)
+    ui.fit_view()
+    ui.shot("30_demo_ran")
+    shown = {img["src"].split("filename=")[1].split("&")[0] for img in ui.output_images()}
+    written = {p.name for p in server.output_images(entry)}
+    assert shown == written, (shown, written)
+    assert ui.problems() == []
+
+
+def guidance_node_id(wf) -> int:
+    (node,) = wt.nodes_of_type(wf, "TDDGuidance")
+    return node["id"]
+
+
+def test_bad_guidance_interval_shows_the_error_then_a_valid_run_succeeds(ui, server, object_info):
+    wf = wt.load(DEMO)
+    gid = guidance_node_id(wf)
+    (good,) = wt.node_widgets(wf, object_info, "TDDGuidance")
+    ui.load_workflow(wf, DEMO.name)
+    ui.set_widgets("TDDGuidance", {"guidance_start": 0.9, "guidance_end": 0.1})
+
+    # Run: the teacher branch still runs; the TDD branch is refused and its guidance node marked.
+    status, body = ui.click_run()
+    assert status == 200 and str(gid) in body.get("node_errors", {}), body
+    details = " ".join(e["details"] for e in body["node_errors"][str(gid)]["errors"])
+    assert "guidance_start" in details and "guidance_end" in details, details
+    marked = ui.js("(id) => { const n = app.graph.getNodeById(id); "
+                   "return {errors: app.lastNodeErrors?.[id]?.errors?.length ?? 0, stroke: n.strokeStyles.nodeError.call(n)}; }",
+                   gid)
+    assert marked["errors"] > 0 and marked["stroke"] == {"color": "red"}, marked
+    server.wait(body["prompt_id"], timeout=RUN_TIMEOUT_S)
+    ui.fit_view()
+    ui.shot("40_bad_value_node_marked")
+
+    # Running the TDD branch alone: the prompt is refused and the error dialog shows the node's message.
+    status, body = ui.run_selected_output(TDD_OUTPUT_TITLE)
+    assert status == 400 and str(gid) in body.get("node_errors", {}), body
+    dialog = ui.page.locator(browser_ui.ERROR_DIALOG)
+    dialog.wait_for(timeout=10_000)
+    text = dialog.inner_text()
+    message = body["node_errors"][str(gid)]["errors"][0]["details"]
+    assert "guidance_start" in message and "guidance_end" in message, message
+    assert "TDDGuidance" in text and message in text, text
+    ui.shot("41_bad_value_error_dialog")
+    ui.page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden", timeout=10_000)
+    # The browser logs the refused POST /prompt (400), and the frontend the error it shows: expected here.
+    refused = lambda e: (("status of 400" in e.text and e.url.rstrip("/").endswith("/api/prompt"))
+                         or e.text.startswith("PromptExecutionError: Prompt execution failed"))
+    assert ui.problems(allow=refused) == []
+
+    # The valid values again: the next run succeeds and shows its images.
+    ui.set_widgets("TDDGuidance", {"guidance_start": good["guidance_start"], "guidance_end": good["guidance_end"]})
+    status, body = ui.click_run()
+    assert status == 200 and body.get("node_errors") == {}, body
+    wait_for_images(ui, object_info, server, body["prompt_id"], len(wt.nodes_of_type(wf, "SaveImage")))
+    assert ui.js("() => app.lastNodeErrors") in (None, {})
+    ui.fit_view()
+    ui.shot("42_valid_run_after_error")
+    assert ui.problems() == []
