@@ -76,6 +76,7 @@ class TDDGuidance(TDDNode):
 
     @classmethod
     def execute(cls, model, positive, negative, scale, guidance_start, guidance_end, rescale) -> io.NodeOutput:
+        cls.check_values(scale=scale, guidance_start=guidance_start, guidance_end=guidance_end, rescale=rescale)
         guider = TDDGuider(model, scale, guidance_start, guidance_end, rescale)
         guider.set_conds(positive, negative)
         return io.NodeOutput(guider)

@@ -47,6 +47,6 @@ class TDDSampler(TDDNode):
 
     @classmethod
     def execute(cls, eta, x0_clip_steps, batch_stable_noise=False) -> io.NodeOutput:
-        tdd_core.check_eta(eta)
+        cls.check_values(eta=eta, x0_clip_steps=x0_clip_steps)
         options = {"eta": eta, "x0_clip_steps": x0_clip_steps, "batch_stable_noise": batch_stable_noise}
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_tdd, options))

@@ -34,6 +34,7 @@ class TDDScheduler(TDDNode):
 
     @classmethod
     def execute(cls, model, steps, non_equidistant, denoise) -> io.NodeOutput:
+        cls.check_values(steps=steps, denoise=denoise)
         if denoise <= 0.0:
             return io.NodeOutput(torch.zeros(0))
         return io.NodeOutput(tdd_sigmas(model.get_model_object("model_sampling"), steps, denoise, non_equidistant))

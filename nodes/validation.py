@@ -69,3 +69,11 @@ class TDDNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
         return check_schema(cls.define_schema(), values, cls.INPUT_HINTS)
+
+    @classmethod
+    def check_values(cls, **values) -> None:
+        """The same check at execution, for values that arrived through links (e.g. the TDD LoRA
+        Loader's recommended settings), which validation could not see."""
+        checked = cls.validate_inputs(**values)
+        if checked is not True:
+            raise ValueError(f"{cls.define_schema().display_name}: {checked}")

@@ -150,3 +150,21 @@ def test_flux_tdd_step_with_eta_0_is_fluxpipelines_euler_step(host):
     euler = x + (nxt - sigma[0]) * v
     step = core.tdd_step(core.FlowMatching(), x, x - sigma[0] * v, sigma[0], nxt, 0.0, torch.randn_like(x))
     torch.testing.assert_close(step, euler, rtol=1e-12, atol=1e-12)
+
+
+def test_settings_wire_into_the_tdd_nodes_over_http(server):
+    """A user wires the loader's steps / eta / guidance into TDD Scheduler, TDD Sampler and TDD
+    Guidance: the prompt validates, runs, and gives the image of the same values typed in."""
+    from test_server_tdd import image_of, tdd_graph
+
+    wired = tdd_graph(seed=11)
+    wired["7"]["inputs"]["steps"] = ["2", 3]
+    wired["8"]["inputs"]["eta"] = ["2", 4]
+    wired["6"]["inputs"]["scale"] = ["2", 5]
+    typed = tdd_graph(seed=11)
+    typed["6"]["inputs"]["scale"] = 1.7  # tiny_tdd.safetensors: no metadata, SD1.5-class: 4 / 0.2 / 1.7
+    entry = server.run(wired)
+    assert image_of(server, entry).std() > 0
+    np.testing.assert_array_equal(image_of(server, entry), image_of(server, server.run(typed)))
+    other = tdd_graph(seed=11, steps=6)
+    assert np.abs(image_of(server, server.run(other)) - image_of(server, entry)).max() > 0  # steps matter

@@ -172,8 +172,10 @@ def test_sampler_clip_steps_clamp_the_first_predictions(host, tiny_parts, conds)
 
 
 def test_bad_eta_is_refused(host):
-    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
-        tdd_sampler(host, eta=1.5)
+    with pytest.raises(ValueError, match=r"TDD Sampler: eta = 1.5 is out of range; allowed: 0.0 to 1.0"):
+        tdd_sampler(host, eta=1.5)  # a linked value, which prompt validation cannot see
+    with pytest.raises(ValueError, match=r"eta = nan is not a finite number"):
+        tdd_sampler(host, eta=float("nan"))
 
 
 # ---------------------------------------------------------------------------------- guidance

@@ -1,6 +1,8 @@
 """The pack inside a real ComfyUI server, driven over HTTP as a user's browser would."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,6 +58,13 @@ def image_of(server, entry) -> np.ndarray:
 def test_pack_imports_without_failure(server):
     assert server.import_failures(names=(harness.PACK_DIRNAME,)) == []
     assert "tdd-comfyui" in server.log_text()
+
+
+def test_the_only_import_failures_are_the_hosts_audio_modules(server):
+    """The README's note on `make run`: its IMPORT FAILED lines are the host's audio nodes (no
+    torchaudio build for the pinned torch), never this pack."""
+    failures = harness.all_import_failures(server.log_text())
+    assert all(re.fullmatch(r"IMPORT FAILED: nodes_audio(_encoder)?\.py", f) for f in failures), failures
 
 
 def test_object_info_lists_every_node_with_inputs_and_tooltips(server):
