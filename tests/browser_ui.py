@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +106,8 @@ class Frontend:
     def problems(self, allow=lambda entry: False, settle_s: float = 0.5) -> list[str]:
         """Console errors and page errors since the last call that are neither host noise nor
         ``allow``-ed; the collected messages are cleared."""
-        time.sleep(settle_s)
+        # (the sync API delivers page events only while it is called: wait through it, not time.sleep)
+        self.page.wait_for_timeout(settle_s * 1000)
         entries, self.console = self.console, []
         return [str(e) for e in entries if not is_host_noise(e) and not allow(e)]
 
@@ -125,7 +125,7 @@ class Frontend:
     def fit_view(self) -> None:
         """Zoom to fit the whole graph (View > Zoom to fit) for the screenshots."""
         self.js("async () => { app.canvas.deselectAll(); await app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
-        time.sleep(0.4)  # the zoom is animated
+        self.page.wait_for_timeout(500)  # the zoom is animated
 
     def node_types(self) -> list[str]:
         return self.js("() => app.graph.nodes.map(n => n.type)")

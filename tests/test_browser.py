@@ -163,6 +163,27 @@ def test_unknown_node_type_is_caught(ui):
     ui.problems()  # what the frontend logs about the broken file is not the pack's
 
 
+def test_console_and_page_errors_are_caught(ui):
+    """The console checks above see an error the page logs and an uncaught exception."""
+    ui.js("() => { console.error('TDD test: a console error'); setTimeout(() => { throw new Error('TDD test: uncaught'); }); }")
+    problems = ui.problems()
+    assert any("TDD test: a console error" in p for p in problems), problems
+    assert any(p.startswith("[pageerror]") and "TDD test: uncaught" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("text,url,noise", [
+    (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/api/userdata/user.css", True),
+    (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/favicon.ico", True),
+    ("Failed to load resource: net::ERR_NAME_NOT_RESOLVED", "https://api.comfy.org/nodes?node_id=comfy-core", True),
+    # the pack's own files are never noise: a missing template thumbnail, a node of the pack failing
+    (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/api/workflow_templates/tdd-comfyui/x.jpg", False),
+    ("Failed to load resource: net::ERR_NAME_NOT_RESOLVED", "https://example.org/tdd.js", False),
+    ("TypeError: Cannot read properties of undefined (reading 'id')\n    at onNodeCreated (x.js)", "x.js", False),
+])
+def test_host_noise_patterns_are_narrow(text, url, noise):
+    assert browser_ui.is_host_noise(browser_ui.ConsoleEntry("error", text, url)) is noise
+
+
 # ------------------------------------------------------------------------------------------------
 # Node search
 # ------------------------------------------------------------------------------------------------
