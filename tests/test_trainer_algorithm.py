@@ -11,8 +11,9 @@ import torch
 from tdd_core import target_set
 from trainer.algorithm import (Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch,
                                lcm_boundary, loss_fn, move_to, sample_generator, teacher_ddim_step)
-from trainer.config import ConfigError, TrainConfig, fingerprint, parse_args
-from trainer.loop import lr_lambda
+from trainer.config import ConfigError, TrainConfig, fingerprint, parse_args, preset_names
+from trainer.guards import MIN_LR_SAMPLES, lr_samples_warning
+from trainer.loop import lr_lambda, resolve_precision
 from trainer.lora_format import atomic_save_safetensors, build_metadata, read_tdd_metadata
 
 TARGETS = target_set(4, 8)
@@ -217,3 +218,51 @@ def test_metadata_roundtrip(tmp_path):
 def test_lora_format_has_no_comfy_import():
     src = (Path(__file__).resolve().parent.parent / "trainer" / "lora_format.py").read_text()
     assert "comfy" not in src.replace("ComfyUI", "")
+
+
+def test_precision_defaults_follow_the_reference():
+    """GPU default: fp32 frozen weights under bf16 autocast (fp16 without bf16), as the reference's fp32
+    weights under fp16 autocast; CPU: fp32 throughout; the memory-saving base dtypes on request."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cfg = TrainConfig(teacher="x", data="y")
+    assert resolve_precision(cfg, cuda, bf16_supported=True) == ("bf16", "fp32")
+    assert resolve_precision(cfg, cuda, bf16_supported=False) == ("fp16", "fp32")
+    assert resolve_precision(cfg, cpu) == ("fp32", "fp32")
+    assert resolve_precision(TrainConfig(teacher="x", data="y", base_dtype="bf16"), cuda, True) == ("bf16", "bf16")
+    assert resolve_precision(TrainConfig(teacher="x", data="y", precision="bf16"), cpu) == ("bf16", "fp32")
+    for bad in (dict(precision="fp16"), dict(base_dtype="fp16"), dict(base_dtype="fp8")):
+        with pytest.raises(ConfigError, match="needs a GPU"):
+            resolve_precision(TrainConfig(teacher="x", data="y", **bad), cpu)
+    with pytest.raises(ConfigError, match="--base-dtype must be one of"):
+        TrainConfig(teacher="x", data="y", base_dtype="int8").validate()
+
+
+def test_presets_set_the_reference_hyper_parameters():
+    assert {"sd15", "sdxl", "sdxl-adv"} <= set(preset_names())
+    adv = parse_args(["--teacher", "x", "--data", "y", "--preset", "sdxl-adv"])
+    assert (adv.lr, adv.batch_size, adv.accumulate_to, adv.max_steps, adv.rank, adv.alpha, adv.resolution) == \
+        (2e-6, 14, 448, 100000, 64, 8, 1024)
+    assert adv.adversarial and (adv.adv_weight, adv.adv_lr, adv.teacher_guidance, adv.empty_prompt_prob) == \
+        (0.1, 1e-5, 3.5, 0.2)
+    sdxl = parse_args(["--teacher", "x", "--data", "y", "--preset", "sdxl", "--max-steps", "7", "--batch-size", "8"])
+    assert (sdxl.lr, sdxl.max_steps, sdxl.batch_size, sdxl.adversarial) == (1e-6, 7, 8, False)  # flags win
+    # the global batch through accumulation, on any number of processes
+    sdxl.world_size = 2
+    assert sdxl.resolve_accumulation().grad_accum == 32 and sdxl.global_batch == 512
+    sdxl.world_size = 3
+    with pytest.raises(ConfigError, match="--accumulate-to 512 .* not a multiple of --batch-size 8 x 3"):
+        sdxl.resolve_accumulation()
+    explicit = parse_args(["--teacher", "x", "--data", "y", "--preset", "sd15", "--grad-accum", "2"])
+    assert explicit.accumulate_to is None and explicit.resolve_accumulation().grad_accum == 2
+    with pytest.raises(ConfigError, match="unknown preset 'sdxl-turbo': choose one of .*sd15, sdxl, sdxl-adv"):
+        parse_args(["--teacher", "x", "--data", "y", "--preset", "sdxl-turbo"])
+
+
+def test_lr_samples_guard_rail():
+    assert lr_samples_warning(1e-6, 1, 1000) is not None  # the old defaults: 1000 samples at 1e-6
+    msg = lr_samples_warning(1e-6, 1, 1000)
+    assert "lr 1e-06 x 1000 samples" in msg and "--max-steps" in msg and "--lr" in msg
+    assert lr_samples_warning(1e-6, 512, 100000) is None  # the reference's run
+    assert lr_samples_warning(2e-4, 32, 1200) is None     # the demo LoRA's run
+    assert lr_samples_warning(1.0, 1, 1, threshold=2.0) is not None
+    assert lr_samples_warning(MIN_LR_SAMPLES, 1, 1) is None

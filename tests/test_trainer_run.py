@@ -2,20 +2,16 @@
 DDP, data paths, eps/v/SDXL teachers."""
 from __future__ import annotations
 
-import csv
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import trainer_fixtures as fx
 
-from trainer.config import TrainConfig
 from trainer.distill import main
 from trainer.lora_format import read_tdd_metadata
 from trainer.loop import train
@@ -37,22 +33,7 @@ def images(tmp_path_factory):
     return fx.make_images(tmp_path_factory.mktemp("data"), 4)
 
 
-def cfg(data, tmp, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(Path(tmp) / "lora.safetensors"), run_dir=str(Path(tmp) / "run"),
-                resolution=fx.RESOLUTION, rank=4, alpha=2, lr=1e-3, max_steps=2, batch_size=2, device="cpu",
-                progress=False, num_workers=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def read_log(run_dir):
-    with open(Path(run_dir) / "log.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def lora_tensors(path):
-    from safetensors.torch import load_file
-    return load_file(str(path))
+cfg, read_log, lora_tensors, _env = fx.train_config, fx.read_log, fx.lora_tensors, fx.subprocess_env
 
 
 def test_cli_end_to_end(images, tmp_path):
@@ -113,12 +94,6 @@ def test_grad_accumulation_matches_bigger_batch(tiny, images, tmp_path):
     assert torch.allclose(torch.tensor(big["losses"]), torch.tensor(acc["losses"]), rtol=1e-4, atol=1e-7)
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    return env
-
-
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_match_one(images, tmp_path):
     """2 CPU processes (gloo) with batch 1 each == 1 process with batch 2: same loss curve and weights."""
@@ -135,7 +110,7 @@ def test_torchrun_two_gloo_processes_match_one(images, tmp_path):
     assert a.keys() == b.keys()
     # Adam normalises gradients, so float noise between batched and split forwards in near-zero-gradient
     # entries moves them by ~lr either way: compare the whole LoRA, not entry by entry
-    flat = lambda sd: torch.cat([sd[k].flatten().float() for k in sorted(sd)])  # noqa: E731
+    flat = fx.flat
     assert float((flat(a) - flat(b)).norm()) <= 1e-2 * float(flat(a).norm())
 
 

@@ -74,6 +74,45 @@ def tiny_args(data, tmp, *extra) -> list[str]:
             "--device", "cpu", "--no-progress", "--num-workers", "0", *map(str, extra)]
 
 
+def train_config(data, tmp, **kw):
+    """A :class:`trainer.config.TrainConfig` for a fast tiny run in ``tmp`` (overrides in ``kw``)."""
+    from trainer.config import TrainConfig
+
+    base = dict(data=str(data), out=str(Path(tmp) / "lora.safetensors"), run_dir=str(Path(tmp) / "run"),
+                resolution=RESOLUTION, rank=4, alpha=2, lr=1e-3, max_steps=2, batch_size=2, device="cpu",
+                progress=False, num_workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_log(run_dir) -> list[dict]:
+    import csv
+
+    with open(Path(run_dir) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def lora_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def subprocess_env() -> dict:
+    """Environment for trainer subprocesses: one thread each, no inherited torchrun variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
+def flat(sd: dict):
+    """All tensors of a state dict as one fp32 vector (sorted keys)."""
+    import torch
+
+    return torch.cat([sd[k].flatten().float() for k in sorted(sd)])
+
+
 # ------------------------------------------------------------------------------------------------
 # Full-size architectures without weights (meta device), for key-mapping tests
 # ------------------------------------------------------------------------------------------------

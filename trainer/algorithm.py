@@ -71,9 +71,10 @@ class DiscreteSchedule:
 # ---------------------------------------------------------------------------------------------
 # per-sample draws
 # ---------------------------------------------------------------------------------------------
-def sample_generator(seed: int, global_index: int) -> torch.Generator:
-    """A generator for one training sample: a function of (seed, global sample counter) only."""
-    digest = hashlib.sha256(f"tdd-trainer:{int(seed)}:{int(global_index)}".encode()).digest()
+def sample_generator(seed: int, global_index: int, stream: str = "tdd-trainer") -> torch.Generator:
+    """A generator for one training sample: a function of (seed, global sample counter) only.
+    ``stream`` names an independent sequence for the same sample (adversarial draws, VAE posterior)."""
+    digest = hashlib.sha256(f"{stream}:{int(seed)}:{int(global_index)}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -238,7 +239,15 @@ class StepConfig:
 
 def compute_loss(student: X0Fn, teacher: X0Fn, x0: torch.Tensor, cond: Cond, uncond: Cond, draws: SampleDraws,
                  sched, cfg: StepConfig) -> torch.Tensor:
-    """One micro-batch of spec section 5 (``cond`` already has the empty-prompt replacement applied).
+    """One micro-batch of spec section 5: the loss between :func:`prediction_and_target`'s pair."""
+    return loss_fn(*prediction_and_target(student, teacher, x0, cond, uncond, draws, sched, cfg), cfg.loss,
+                   cfg.huber_c)                                                   # 5.8
+
+
+def prediction_and_target(student: X0Fn, teacher: X0Fn, x0: torch.Tensor, cond: Cond, uncond: Cond,
+                          draws: SampleDraws, sched, cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec section 5 steps 3-7: the student's prediction at s (with gradients) and its target (without);
+    ``cond`` already has the empty-prompt replacement applied.
 
     ``student`` runs with the LoRA on and carries gradients; ``teacher`` is the LoRA-off model;
     ``sched`` is the family's schedule (:class:`DiscreteSchedule`, :class:`trainer.flow.FlowSchedule`).
@@ -263,4 +272,4 @@ def compute_loss(student: X0Fn, teacher: X0Fn, x0: torch.Tensor, cond: Cond, unc
         pred = c_skip * z_t + c_out * x0_hat
     else:
         pred = sched.move_to(z_t, x0_hat, t, s)
-    return loss_fn(pred, target, cfg.loss, cfg.huber_c)                           # 5.8
+    return pred, target

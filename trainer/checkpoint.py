@@ -88,8 +88,13 @@ def load(path, expected_fingerprint: str, expected_fields: dict):
     info = json.loads((ckpt / "run.json").read_text())
     if info.get("fingerprint") != expected_fingerprint:
         old = info.get("fingerprint_fields", {})
-        diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {v!r}" for k, v in sorted(expected_fields.items())
-                 if old.get(k) != v]
+        if bool(old.get("adversarial")) != bool(expected_fields.get("adversarial")):
+            was = "with" if old.get("adversarial") else "without"
+            raise ResumeError(f"--resume {path} was trained {was} --adversarial; a run can't switch the adversarial "
+                              f"variant on or off: resume it {was} --adversarial, or start a fresh run (drop --resume, "
+                              "or use a new --run-dir)")
+        diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {expected_fields.get(k)!r}"
+                 for k in sorted(set(expected_fields) | set(old)) if old.get(k) != expected_fields.get(k)]
         what = "a different base model (teacher)" if any(d.startswith("teacher:") for d in diffs) else "different settings"
         raise ResumeError(f"--resume {path} is from another run ({what}): " + "; ".join(diffs or ["fingerprint differs"])
                           + ". Resume with the original teacher and settings, or start a fresh run "

@@ -14,6 +14,7 @@ METHODS = ("tdd", "tcd", "lcm")
 LOSSES = ("huber", "l2")
 SCHEDULES = ("constant", "warmup", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16", "fp8")
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,10 @@ class TrainConfig:
     huber_c: float = 0.001
     rank: int = 64
     alpha: float = 8.0
+    # the adversarial variant (docs/method.md §5.2)
+    adversarial: bool = False
+    adv_weight: float = 0.1             # weight of the generator hinge term in the student's loss
+    adv_lr: float = 1e-5                # the discriminator heads' AdamW (betas (0, 0.999), weight decay 1e-3)
     # optimisation
     lr: float = 1e-6
     lr_schedule: str = "constant"
@@ -49,15 +54,18 @@ class TrainConfig:
     adam_eps: float = 1e-8
     batch_size: int = 1                 # per process, per micro-batch
     grad_accum: int = 1
+    accumulate_to: int | None = None    # a global batch: sets grad_accum = it / (batch_size x processes)
     max_steps: int = 1000
     grad_clip: float = 1.0
-    precision: str = "auto"
+    precision: str = "auto"             # autocast dtype
+    base_dtype: str = "auto"            # storage dtype of the frozen base (auto: fp32, as the reference)
     gradient_checkpointing: bool = False
     seed: int = 0
     # data
     resolution: int | None = None       # default: the architecture's native size
     cache_dir: str | None = None
     num_workers: int = 2
+    preset: str | None = None           # trainer/presets/<name>.toml under the TOML file and the flags
     # bookkeeping
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -92,6 +100,8 @@ class TrainConfig:
             bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             bad(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            bad(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.save_dtype not in ("fp16", "bf16", "fp32"):
             bad(f"--save-dtype must be fp16, bf16 or fp32, got {self.save_dtype!r}")
         if not (1 <= self.kmin <= self.kmax <= 50):
@@ -107,6 +117,12 @@ class TrainConfig:
             bad(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.lr <= 0:
             bad(f"--lr must be > 0, got {self.lr}")
+        if self.accumulate_to is not None and self.accumulate_to < 1:
+            bad(f"--accumulate-to must be >= 1, got {self.accumulate_to}")
+        if self.adversarial and self.method == "lcm":
+            bad("--adversarial needs --method tdd or tcd (its discriminator compares predictions at the target s)")
+        if self.adv_weight < 0 or self.adv_lr <= 0:
+            bad(f"need --adv-weight >= 0 and --adv-lr > 0, got {self.adv_weight} and {self.adv_lr}")
         return self
 
     def fingerprint_fields(self, dataset_id: str, teacher_id: str) -> dict:
@@ -122,9 +138,23 @@ class TrainConfig:
         fields["global_batch"] = self.global_batch
         if self.lr_schedule == "cosine":
             fields["max_steps"] = self.max_steps
+        if self.adversarial:  # (absent when off, so plain runs keep their fingerprints)
+            fields.update(adversarial=True, adv_weight=float(self.adv_weight), adv_lr=float(self.adv_lr))
         fields["dataset"] = dataset_id
         fields["teacher"] = teacher_id
         return fields
+
+    def resolve_accumulation(self) -> "TrainConfig":
+        """``accumulate_to`` (a preset's global batch) -> ``grad_accum`` for this batch size and process count."""
+        if self.accumulate_to:
+            per_step = self.batch_size * self.world_size
+            if self.accumulate_to % per_step:
+                raise ConfigError(f"--accumulate-to {self.accumulate_to} (the global batch) is not a multiple of "
+                                  f"--batch-size {self.batch_size} x {self.world_size} process(es): pick a batch "
+                                  "size that divides it, or set --grad-accum yourself")
+            self.grad_accum = self.accumulate_to // per_step
+        return self
+
 
 
 def fingerprint(fields: dict) -> str:
@@ -158,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher_guidance": "teacher guidance w (LCM convention, eps_c + w (eps_c - eps_u)); reference 3.5",
         "resolution": "training resolution (default: 512 SD1.5/SD2 base, 768 SD2 v, 1024 SDXL)",
         "cache_dir": "cache VAE latents and text embeddings here (computed once, reused by later runs)",
-        "precision": "autocast precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16",
+        "precision": "autocast precision: auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU), fp32, bf16, fp16",
+        "base_dtype": "storage dtype of the frozen base model: auto (fp32, as the reference), or bf16/fp16/fp8 to "
+                      "save memory (noisier targets: see docs/trainer.md)",
+        "preset": "the reference's hyper-parameters for a family (trainer/presets/NAME.toml): sd15, sdxl, sdxl-adv; "
+                  "the --config file and flags override it",
+        "accumulate_to": "global batch to reach by gradient accumulation: --grad-accum = N / (batch x processes)",
+        "adversarial": "the adversarial variant (docs/method.md 5.2): discriminator heads on the frozen teacher",
+        "adv_weight": "weight of the generator (hinge) term in the student's loss; reference 0.1",
+        "adv_lr": "learning rate of the discriminator heads (AdamW betas 0/0.999, weight decay 1e-3); reference 1e-5",
         "validate_every": "write a 4- and 8-step validation grid every N steps (0: never)",
         "validation_prompts": "validation prompt (repeat the flag for several; default: first dataset captions)",
     }
@@ -170,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, "--validation-prompt", dest=name, action="append", help=h)
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            choices = {"method": METHODS, "loss": LOSSES, "lr_schedule": SCHEDULES, "precision": PRECISIONS}.get(name)
+            choices = {"method": METHODS, "loss": LOSSES, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
+                       "base_dtype": BASE_DTYPES}.get(name)
             p.add_argument(flag, dest=name, type=kind, choices=choices, help=h)
     return p
 
@@ -194,8 +233,35 @@ def load_toml(path) -> dict:
     return out
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> dict:
+    """The settings of ``trainer/presets/<name>.toml`` (the reference's hyper-parameters for a family)."""
+    path = PRESETS_DIR / f"{name}.toml"
+    if "/" in name or "\\" in name or not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())} "
+                          f"(files in {PRESETS_DIR}), or drop --preset")
+    values = load_toml(path)
+    values.pop("preset", None)
+    return values
+
+
+def merge_settings(preset: dict, toml: dict, flags: dict) -> dict:
+    """defaults < preset < TOML file < flags; an explicit grad_accum overrides a preset's accumulate_to."""
+    values = {**preset, **toml, **flags}
+    if ("grad_accum" in toml or "grad_accum" in flags) and "accumulate_to" not in toml and "accumulate_to" not in flags:
+        values.pop("accumulate_to", None)
+    return values
+
+
 def parse_args(argv=None) -> TrainConfig:
     ns = vars(build_parser().parse_args(argv))
-    values = load_toml(ns.pop("config")) if "config" in ns else {}
-    values.update(ns)
-    return TrainConfig(**values).validate()
+    toml = load_toml(ns.pop("config")) if "config" in ns else {}
+    name = ns.get("preset", toml.get("preset"))
+    preset = load_preset(name) if name else {}
+    return TrainConfig(**merge_settings(preset, toml, ns)).validate()

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, data, models
-from .algorithm import Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch
+from . import adversarial, checkpoint, data, guards, models
+from .algorithm import (Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
+                        prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
 from .fileio import atomic_path
 from .lora import LoRANetwork, enable_gradient_checkpointing
@@ -31,7 +32,8 @@ from .lora_format import atomic_save_safetensors, build_metadata
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          **({"fp8": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {})}
 
 
 class Dist:
@@ -83,12 +85,23 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+def resolve_precision(cfg: TrainConfig, device: torch.device, bf16_supported: bool | None = None) -> tuple[str, str]:
+    """-> (autocast dtype, frozen-base storage dtype). ``auto`` follows the reference (docs/method.md §5.3):
+    on a GPU fp32 frozen weights under bf16 autocast (fp16 where the GPU lacks bf16); on CPU fp32 throughout."""
+    compute, base = cfg.precision, cfg.base_dtype
+    if compute == "auto":
+        if device.type == "cuda":
+            ok = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+            compute = "bf16" if ok else "fp16"
+        else:
+            compute = "fp32"
+    if base == "auto":
+        base = "fp32"
+    if device.type != "cuda" and "fp16" in (compute, base):
+        raise ConfigError("fp16 (--precision or --base-dtype) needs a GPU; use bf16 or fp32 on CPU")
+    if base == "fp8" and (device.type != "cuda" or not hasattr(torch, "float8_e4m3fn")):
+        raise ConfigError("--base-dtype fp8 needs a GPU and a torch with float8 support; use bf16 to save memory")
+    return compute, base
 
 
 class _StopFlag:
@@ -179,6 +192,7 @@ def train(cfg: TrainConfig, components=None) -> dict:
     cfg.validate()
     ddp = Dist(cfg.device)
     cfg.world_size = ddp.world
+    cfg.resolve_accumulation()
     try:
         run = Run(cfg, components, ddp)
         try:
@@ -199,11 +213,15 @@ class Run:
         self.cfg, self.ddp = cfg, ddp
         self.device, self.main = ddp.device, ddp.rank == 0
         models.ensure_host(str(self.device))
-        self.precision = resolve_precision(cfg, self.device)
-        if self.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        self.precision, self.base_dtype = resolve_precision(cfg, self.device)
         self.items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
-        self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.precision], self.device).to(self.device)
+        self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
+        warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
+        if warning and self.main:
+            log.warning("%s", warning)
+        if cfg.adversarial and teacher.arch not in adversarial.ARCHES:
+            raise ConfigError(f"--adversarial supports SD1.5, SD2.x and SDXL teachers, not {teacher.arch} "
+                              f"({teacher.name}): drop --adversarial to distil this model with plain TDD")
         self.resolution = cfg.resolution or teacher.native_resolution
         self.out_path = Path(cfg.out)
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
@@ -221,6 +239,12 @@ class Run:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.disc = self.disc_opt = None
+        if cfg.adversarial:  # docs/method.md §5.2: frozen teacher features (LoRA off) + trainable heads
+            self.disc = adversarial.Discriminator(teacher, self.network, seed=cfg.seed)
+            self.disc_params = list(self.disc.heads.parameters())
+            self.disc_opt = torch.optim.AdamW(self.disc_params, lr=cfg.adv_lr, betas=adversarial.HEAD_BETAS,
+                                              weight_decay=adversarial.HEAD_WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint)
         self.fp = fingerprint(self.fields)
@@ -248,6 +272,9 @@ class Run:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
+            if self.disc is not None:
+                self.disc.heads.load_state_dict(state["discriminator"])
+                self.disc_opt.load_state_dict(state["disc_optimizer"])
             checkpoint.set_rng_state(state["rng"])
             self.step = int(state["step"])
             if state["samples_seen"] != self.step * cfg.global_batch:
@@ -276,17 +303,34 @@ class Run:
         draws = draw_batch(self.sampler, cfg.seed, gidx, self.latent_shape, cfg.empty_prompt_prob)
         cond = self.teacher.make_cond(ctx, pooled, self.resolution, self.resolution).where(draws.empty,
                                                                                          self.empty_cond)
+        args = (self._student, self._frozen_teacher, x0.to(self.device), cond, _expand(self.uncond, len(gidx)), draws,
+                self.dsched, self.step_cfg)
         with self.autocast:
-            loss = compute_loss(self._student, self._frozen_teacher, x0.to(self.device), cond,
-                                _expand(self.uncond, len(gidx)), draws, self.dsched, self.step_cfg)
+            loss = compute_loss(*args) if self.disc is None else self._adversarial_loss(args, gidx)
         self.scaler.scale(loss / cfg.grad_accum).backward()
         return loss.detach()
 
-    def _all_reduce_grads(self) -> None:
-        """Average the LoRA gradients over processes (one all-reduce; what DDP does)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+    def _adversarial_loss(self, args, gidx) -> torch.Tensor:
+        """docs/method.md §5.2: on a discriminator step the heads' hinge loss (no student gradients); on a
+        student step the consistency loss + ``adv_weight`` x the generator hinge term."""
+        cfg, dev = self.cfg, self.device
+        d_step = adversarial.is_discriminator_step(self.step)
+        with torch.set_grad_enabled(not d_step):
+            pred, target = prediction_and_target(*args)
+        cond, draws = args[3], args[5]
+        t_gan, n_fake, n_real = adversarial.draw_gan(cfg.seed, gidx, draws.s, pred.shape[1:])
+        s, t_gan = draws.s.to(dev), t_gan.to(dev)
+        fake = adversarial.renoise(pred, s, t_gan, n_fake.to(dev, pred.dtype), self.dsched)
+        real = adversarial.renoise(target, s, t_gan, n_real.to(dev, pred.dtype), self.dsched)
+        if d_step:
+            return self.disc.d_loss(fake, real, t_gan, cond)
+        return loss_fn(pred, target, cfg.loss, cfg.huber_c) + cfg.adv_weight * self.disc.g_loss(fake, t_gan, cond)
+
+    def _all_reduce_grads(self, params) -> None:
+        """Average the gradients of ``params`` over processes (one all-reduce; what DDP does)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.ddp.all_mean_(torch.cat([g.flatten() for g in grads]))
-        for p, g in zip(self.params, torch.split(flat, [q.numel() for q in self.params])):
+        for p, g in zip(params, torch.split(flat, [q.numel() for q in params])):
             p.grad = g.view_as(p).clone()
 
     def train_step(self) -> dict:
@@ -296,14 +340,19 @@ class Run:
         loss_acc = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             loss_acc += self.micro_batch(micro) / cfg.grad_accum
+        # the adversarial variant's even steps update the discriminator heads, odd ones the LoRA
+        d_step = self.disc is not None and adversarial.is_discriminator_step(self.step)
+        params, opt = (self.disc_params, self.disc_opt) if d_step else (self.params, self.opt)
         if self.ddp.enabled:
-            self._all_reduce_grads()
+            self._all_reduce_grads(params)
             self.ddp.all_mean_(loss_acc)
-        self.scaler.unscale_(self.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.scaler.step(self.opt)
+        self.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        self.scaler.step(opt)
         self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        for o in (self.opt, self.disc_opt):
+            if o is not None:  # the generator term also left gradients on the heads: drop them
+                o.zero_grad(set_to_none=True)
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
         self.step += 1
@@ -319,6 +368,8 @@ class Run:
             state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(), "step": self.step,
                      "samples_seen": self.step * self.cfg.global_batch, "fingerprint": self.fp}
+            if self.disc is not None:
+                state.update(discriminator=self.disc.heads.state_dict(), disc_optimizer=self.disc_opt.state_dict())
             info = {"fingerprint": self.fp, "fingerprint_fields": self.fields, "config": asdict(self.cfg),
                     "world_size": self.ddp.world, "base_arch": self.teacher.arch}
             path = checkpoint.save(self.run_dir, self.step, self.network.kohya_state_dict(torch.float32), state, info,
@@ -346,7 +397,8 @@ class Run:
         cfg, teacher = self.cfg, self.teacher
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
-                              extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution})
+                              extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
+                                     **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {})})
         atomic_save_safetensors(self.network.kohya_state_dict(DTYPES[cfg.save_dtype]), self.out_path, meta)
         log.info("wrote %s (%d LoRA modules, %d steps)", self.out_path, len(self.network.prefixes), self.step)
 
