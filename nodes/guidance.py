@@ -1,4 +1,4 @@
-"""TDD Guidance -> GUIDER: "guidance scale tuning" for distilled students (spec section 3)."""
+"""TDD Guidance -> GUIDER: "guidance scale tuning" for distilled students (docs/method.md §3)."""
 from __future__ import annotations
 
 import comfy.samplers

@@ -5,7 +5,9 @@ ComfyUI 0.3.75 does not check the values of V3 combo inputs, and it passes NaN a
 which checks every widget value it receives against the node's own schema: combos against their
 options, numbers against min/max and finiteness. Naming inputs in ``validate_inputs`` turns off the
 host's own min/max check for them, so the range check lives here too. Linked inputs arrive as None
-at validation time (their value is not known yet) and are checked when the node executes.
+at validation time (their value is not known yet); the nodes whose inputs take linked numbers (TDD
+Scheduler, Sampler and Guidance, fed e.g. by the TDD LoRA Loader's settings) check them again when
+they execute (:meth:`TDDNode.check_values`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def combo_problem(name: str, value, options: list, hint: str = "") -> str | None
     """A message if ``value`` is not one of ``options``."""
     if value in options:
         return None
-    return f"{name} = {value!r} is not an allowed value; allowed: {_allowed(list(options))}" + (f" ({hint})" if hint else "")
+    message = f"{name} = {value!r} is not an allowed value; allowed: {_allowed(list(options))}"
+    return message + (f" ({hint})" if hint else "")
 
 
 def number_problem(name: str, value, low=None, high=None) -> str | None:

@@ -1,4 +1,4 @@
-"""TDD x0 Clip -> MODEL: clip the denoised prediction under any sampler (spec section 4)."""
+"""TDD x0 Clip -> MODEL: clip the denoised prediction under any sampler (docs/method.md §4)."""
 from __future__ import annotations
 
 from comfy_api.latest import io

@@ -8,6 +8,7 @@ from .spaces import FlowMatching, Space, VarianceExploding
 
 __all__ = [
     "MAX_STEPS", "NON_EQUIDISTANT_SCHEDULES", "NUM_TRAIN_TIMESTEPS", "FlowMatching", "Space", "VarianceExploding",
-    "batch_stable_noise_sampler", "cfg", "check_eta", "clip_first_steps", "default_noise_sampler", "dynamic_threshold", "guidance_active", "item_seed", "rescale",
+    "batch_stable_noise_sampler", "cfg", "check_eta", "clip_first_steps", "default_noise_sampler", "dynamic_threshold",
+    "guidance_active", "item_seed", "rescale",
     "sample_tdd", "schedule_timesteps", "solver_grid", "target_set", "tdd_step", "tdd_timesteps", "timestep_floor",
 ]

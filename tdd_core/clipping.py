@@ -1,4 +1,4 @@
-"""x0 clipping (spec section 4): curb out-of-range early predictions and over-exposure."""
+"""x0 clipping (docs/method.md §4): curb out-of-range early predictions and over-exposure."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Guidance for TDD students (spec section 3): small-scale CFG with the empty prompt as uncond.
+"""Guidance for TDD students (docs/method.md §3): small-scale CFG with the empty prompt as uncond.
 
 Because TDD training decouples guidance, a student accepts ordinary classifier-free guidance at
 scales around 1-2. Two stabilisers are offered, both neutral by default: guidance only inside an

@@ -55,7 +55,7 @@ def batch_stable_noise_sampler(x: torch.Tensor, seed: int) -> NoiseSampler:
 
 def tdd_step(space: Space, x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next, eta: float,
              noise: torch.Tensor) -> torch.Tensor:
-    """One stochastic TDD step from ``sigma`` to ``sigma_next`` (spec section 2, steps 3-5)."""
+    """One stochastic TDD step from ``sigma`` to ``sigma_next`` (docs/method.md §2, steps 3-5)."""
     eps = space.eps(x, x0, sigma)
     sigma_s = space.target_sigma(sigma_next, eta)
     return space.jump(x0, eps, sigma_s, float(sigma_next), noise)

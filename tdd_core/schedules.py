@@ -14,7 +14,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 NUM_GRID_POINTS = 250
 MAX_STEPS = 50
 
-#: Non-equidistant ("special jump") schedules: short early steps, long late ones (spec section 1).
+#: Non-equidistant ("special jump") schedules: short early steps, long late ones (docs/method.md §1).
 NON_EQUIDISTANT_SCHEDULES: dict[int, tuple[int, ...]] = {
     5: (999, 875, 751, 499, 251),
     6: (999, 875, 751, 627, 499, 251),

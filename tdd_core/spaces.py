@@ -1,6 +1,6 @@
 """Sampling spaces: how a latent, its x0 prediction and its noise relate at a noise level sigma.
 
-The TDD step (spec section 2) is one idea in every parameterisation: predict x0 and eps, move
+The TDD step (docs/method.md §2) is one idea in every parameterisation: predict x0 and eps, move
 deterministically to a lower noise level ``sigma_s``, then add exactly the fresh noise that brings
 the marginal back to the next scheduled level ``sigma_next``. Only the algebra differs.
 
@@ -108,7 +108,7 @@ class FlowMatching:
 
         ``state(x0, eps(x, x0, sigma_t), sigma_s)`` is the deterministic move from ``sigma_t`` to ``sigma_s``;
         with the velocity ``v = (x - x0) / sigma_t`` it equals the Euler step ``x + (sigma_s - sigma_t) v``
-        (the trainer's student move and FLUX teacher step, spec 5.1)."""
+        (the trainer's student move and FLUX teacher step, docs/method.md §5.1)."""
         return (1.0 - sigma) * x0 + sigma * eps
 
     def jump(self, x0, eps, sigma_s: float, sigma_next: float, noise) -> torch.Tensor:

@@ -59,7 +59,8 @@ def test_no_metadata_on_a_family_without_release_gives_tdd_defaults(host, lora_f
 def test_unusable_metadata_falls_back_and_says_so(host, lora_files, comfy_base):
     model, clip, _ = run_node(host, "TDDTestTinyModel", seed=0)
     name = with_metadata(comfy_base, lora_files["good"], "meta_bad.safetensors",
-                         {"tdd_recommended_steps": "0", "tdd_recommended_eta": "nan", "tdd_recommended_guidance": "2.5"})
+                         {"tdd_recommended_steps": "0", "tdd_recommended_eta": "nan",
+                          "tdd_recommended_guidance": "2.5"})
     _, _, info, *values = load(host, model, clip, name)
     assert tuple(values) == (4, 0.2, 2.5)
     assert "tdd_recommended_steps='0' in the file is unusable" in info

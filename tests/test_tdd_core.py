@@ -1,4 +1,4 @@
-"""tdd_core against the spec's numbers and closed forms; no ComfyUI involved."""
+"""tdd_core against docs/method.md's numbers and closed forms; no ComfyUI involved."""
 import math
 import subprocess
 import sys
@@ -103,7 +103,7 @@ def test_tdd_core_never_imports_comfyui():
 
 
 def reference_vp_loop(denoiser, x_T, timesteps, eta, noises):
-    """The spec's section 2 literally, in VP form over discrete abar (independent of tdd_core)."""
+    """docs/method.md §2 literally, in VP form over discrete abar (independent of tdd_core)."""
     z = x_T * ABAR[timesteps[0]].sqrt()  # VE state x = z / a_t
     for i, t in enumerate(timesteps):
         a_t, s_t = ABAR[t].sqrt(), (1 - ABAR[t]).sqrt()

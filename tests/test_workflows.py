@@ -164,7 +164,7 @@ def test_flux_guidance_feeds_the_guider(object_info):
 
 
 def test_sdxl_negative_prompt_is_empty(object_info):
-    """TDD guidance uses the empty prompt as the unconditional input (spec section 3)."""
+    """TDD guidance uses the empty prompt as the unconditional input (docs/method.md §3)."""
     for name in ("sdxl_tdd_txt2img", "sdxl_tdd_img2img", "sdxl_tdd_controlnet", "ksampler_tdd"):
         wf = _load(name)
         by_id = {n["id"]: n for n in wf["nodes"]}
