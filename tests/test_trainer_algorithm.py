@@ -1,4 +1,4 @@
-"""Unit tests of the trainer's pure pieces (spec section 5): no ComfyUI, no model."""
+"""Unit tests of the trainer's pure pieces (docs/method.md §5): no ComfyUI, no model."""
 from __future__ import annotations
 
 import math

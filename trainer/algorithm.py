@@ -1,4 +1,4 @@
-"""The distillation objective of spec section 5, in plain torch (no ComfyUI).
+"""The distillation objective of docs/method.md §5, in plain torch (no ComfyUI).
 
 A *schedule* supplies what differs between teacher families: its noise levels (``noised``), the
 deterministic move of a state to a lower level given x0 (``move_to``), the teacher's solver step
@@ -6,7 +6,7 @@ deterministic move of a state to a lower level given x0 (``move_to``), the teach
 discrete DDPM (variance preserving) one of SD1.5/SD2.x/SDXL: ``z_t = a_t x0 + s_t eps`` with
 ``a_t = sqrt(abar[t])``, ``s_t = sqrt(1 - abar[t])``, ``abar`` from the host's
 ``model_sampling.sigmas`` (``abar = 1 / (1 + sigma^2)``); :class:`trainer.flow.FlowSchedule` is the
-flow-matching one of FLUX.1 (spec 5.1). The networks are reached through ``x0``-predicting callables
+flow-matching one of FLUX.1 (docs/method.md §5.1). The networks are reached through ``x0``-predicting callables
 (:class:`trainer.models.Teacher` converts from the host's spaces and parameterisations), so
 :func:`compute_loss` is the same for every family.
 
@@ -87,7 +87,7 @@ class TimestepDraw:
 
 
 class TargetSampler:
-    """Source/target timestep draws for ``tdd`` (spec section 5.1-5.2), ``tcd`` and ``lcm``.
+    """Source/target timestep draws for ``tdd`` (docs/method.md §5, steps 1-2), ``tcd`` and ``lcm``.
 
     - tdd: ``m*`` = largest target-set value <= t'; ``tau`` uniform over target-set values in
       ``[max(m* - 260, 0), m*]``; ``s = floor((1 - u * eta_max) * tau)``.
@@ -239,7 +239,7 @@ class StepConfig:
 
 def compute_loss(student: X0Fn, teacher: X0Fn, x0: torch.Tensor, cond: Cond, uncond: Cond, draws: SampleDraws,
                  sched, cfg: StepConfig) -> torch.Tensor:
-    """One micro-batch of spec section 5: the loss between :func:`prediction_and_target`'s pair."""
+    """One micro-batch of docs/method.md §5: the loss between :func:`prediction_and_target`'s pair."""
     return loss_fn(*prediction_and_target(student, teacher, x0, cond, uncond, draws, sched, cfg), cfg.loss,
                    cfg.huber_c)                                                   # 5.8
 
