@@ -96,7 +96,7 @@ class Frontend:
     # -- app ---------------------------------------------------------------------------------------
     def open(self, timeout_s: float = 90.0) -> "Frontend":
         """Load the app and wait until its graph and canvas exist."""
-        self.page.goto(self.url)
+        self.page.goto(self.url, timeout=timeout_s * 1000)
         self.page.wait_for_function(READY_JS, timeout=timeout_s * 1000)
         return self
 
@@ -152,7 +152,7 @@ class Frontend:
     def _queued(self, click) -> tuple[int, dict]:
         """Do ``click`` and return the status and JSON of the POST /prompt it sends."""
         is_prompt = lambda r: r.request.method == "POST" and r.url.rstrip("/").endswith("/prompt")
-        with self.page.expect_response(is_prompt, timeout=30_000) as info:
+        with self.page.expect_response(is_prompt, timeout=60_000) as info:
             click()
         response = info.value
         try:

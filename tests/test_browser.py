@@ -30,6 +30,7 @@ WORKFLOWS = sorted((harness.REPO / "workflows").glob("*.json"))
 SHOTS = harness.REPO / "out" / "browser"
 DEMO = harness.REPO / "workflows" / "tdd_demo.json"
 RUN_TIMEOUT_S = 300  # as harness.ComfyServer.run: a busy shared machine can be slow
+UI_TIMEOUT_MS = 30_000  # upper bound for one UI reaction (a dialog, a search result) on a busy machine
 TDD_OUTPUT_TITLE = "TDD image"  # the demo's SaveImage fed by the TDD branch
 
 
@@ -109,17 +110,17 @@ def test_first_visit_lists_the_pack_workflows_in_templates(server, browser, shot
     try:
         front = browser_ui.Frontend(context, server.url, shots).open()
         dialog = front.page.locator(browser_ui.TEMPLATES_DIALOG)
-        dialog.wait_for(timeout=30_000)
+        dialog.wait_for(timeout=UI_TIMEOUT_MS)
         front.shot("01_first_visit_templates")
         dialog.get_by_text(harness.PACK_DIRNAME, exact=True).first.click()
-        dialog.get_by_text(f"Showing {len(WORKFLOWS)} of {len(WORKFLOWS)} templates").wait_for(timeout=10_000)
+        dialog.get_by_text(f"Showing {len(WORKFLOWS)} of {len(WORKFLOWS)} templates").wait_for(timeout=UI_TIMEOUT_MS)
         for path in WORKFLOWS:
             assert dialog.get_by_text(path.stem, exact=True).is_visible(), f"{path.stem} not listed under the pack"
         front.shot("02_templates_of_the_pack")
         # Opening one, as a user would, loads it with every node known.
         dialog.get_by_text(DEMO.stem, exact=True).click()
-        dialog.wait_for(state="hidden", timeout=10_000)
-        front.page.wait_for_function("() => app.graph.nodes.length > 0", timeout=10_000)
+        dialog.wait_for(state="hidden", timeout=UI_TIMEOUT_MS)
+        front.page.wait_for_function("() => app.graph.nodes.length > 0", timeout=UI_TIMEOUT_MS)
         assert sorted(front.node_types()) == sorted(n["type"] for n in wt.load(DEMO)["nodes"])
         assert front.unregistered_types() == [] and front.page.locator(browser_ui.MISSING_NODES_DIALOG).count() == 0
         front.fit_view()
@@ -154,12 +155,12 @@ def test_unknown_node_type_is_caught(ui):
     wf["nodes"][1]["type"] = "TDDNodeThatDoesNotExist"
     ui.load_workflow(wf, "broken.json")
     dialog = ui.page.locator(browser_ui.MISSING_NODES_DIALOG)
-    dialog.wait_for(timeout=10_000)
+    dialog.wait_for(timeout=UI_TIMEOUT_MS)
     assert "TDDNodeThatDoesNotExist" in dialog.inner_text()
     assert ui.unregistered_types() == ["TDDNodeThatDoesNotExist"]
     ui.shot("19_unknown_node_caught")
     ui.page.keyboard.press("Escape")
-    dialog.wait_for(state="hidden", timeout=10_000)
+    dialog.wait_for(state="hidden", timeout=UI_TIMEOUT_MS)
     ui.problems()  # what the frontend logs about the broken file is not the pack's
 
 
@@ -197,7 +198,7 @@ def open_search(ui):
     box = canvas.bounding_box()
     canvas.dblclick(position={"x": box["width"] * SEARCH_SPOT[0], "y": box["height"] * SEARCH_SPOT[1]})
     search = ui.page.get_by_placeholder(browser_ui.SEARCH_PLACEHOLDER)
-    search.wait_for(timeout=10_000)
+    search.wait_for(timeout=UI_TIMEOUT_MS)
     return search
 
 
@@ -208,9 +209,9 @@ def add_from_search(ui, display_name: str) -> dict:
     search = open_search(ui)
     search.fill(display_name)
     option = ui.page.get_by_role("option").filter(has_text=display_name).first
-    option.wait_for(timeout=10_000)
+    option.wait_for(timeout=UI_TIMEOUT_MS)
     option.click()
-    ui.page.wait_for_function(f"() => app.graph.nodes.length === {before + 1}", timeout=10_000)
+    ui.page.wait_for_function(f"() => app.graph.nodes.length === {before + 1}", timeout=UI_TIMEOUT_MS)
     return ui.js("""(i) => { const n = app.graph.nodes.at(-1);
         const added = {type: n.type, widgets: (n.widgets || []).map(w => [w.name, w.value])};
         n.pos = [n.pos[0] - 1200 + 360 * i, n.pos[1] - 500]; app.graph.setDirtyCanvas(true, true);
@@ -223,7 +224,7 @@ def test_node_search_lists_and_adds_every_tdd_node(ui, object_info):
     ui.js("() => app.graph.clear()")
     search = open_search(ui)
     search.fill("TDD")
-    ui.page.get_by_role("option").filter(has_text="TDD").first.wait_for(timeout=10_000)
+    ui.page.get_by_role("option").filter(has_text="TDD").first.wait_for(timeout=UI_TIMEOUT_MS)
     ui.page.wait_for_timeout(500)
     texts = ui.page.get_by_role("option").all_inner_texts()
     listed = [t.splitlines()[0].replace("\xa0", " ").strip() for t in texts if t.strip()]
@@ -263,7 +264,7 @@ def wait_for_images(ui, object_info, server, prompt_id, expected_count: int):
         """([count, w, h]) => { const imgs = app.graph.nodes.filter(n => n.type === 'SaveImage')
               .flatMap(n => n.imgs || []);
             return imgs.length === count && imgs.every(i => i.complete && i.naturalWidth === w && i.naturalHeight === h); }""",
-        arg=[expected_count, width, height], timeout=30_000)
+        arg=[expected_count, width, height], timeout=UI_TIMEOUT_MS)
     return entry
 
 
@@ -312,14 +313,14 @@ def test_bad_guidance_interval_shows_the_error_then_a_valid_run_succeeds(ui, ser
     status, body = ui.run_selected_output(TDD_OUTPUT_TITLE)
     assert status == 400 and str(gid) in body.get("node_errors", {}), body
     dialog = ui.page.locator(browser_ui.ERROR_DIALOG)
-    dialog.wait_for(timeout=10_000)
+    dialog.wait_for(timeout=UI_TIMEOUT_MS)
     text = dialog.inner_text()
     message = body["node_errors"][str(gid)]["errors"][0]["details"]
     assert "guidance_start" in message and "guidance_end" in message, message
     assert "TDDGuidance" in text and message in text, text
     ui.shot("41_bad_value_error_dialog")
     ui.page.keyboard.press("Escape")
-    dialog.wait_for(state="hidden", timeout=10_000)
+    dialog.wait_for(state="hidden", timeout=UI_TIMEOUT_MS)
     # The browser logs the refused POST /prompt (400), and the frontend the error it shows: expected here.
     refused = lambda e: (("status of 400" in e.text and e.url.rstrip("/").endswith("/api/prompt"))
                          or e.text.startswith("PromptExecutionError: Prompt execution failed"))
