@@ -5,12 +5,15 @@
 #               WITH_TEST_NODES=1 also installs the test-only tiny model node (TDDTestTinyModel)
 #   make demo   env, then the shipped demo workflow in a headless ComfyUI: teacher vs TDD grid in out/
 #   make demo-model  rebuild the demo teacher (demo/train_teacher.py) and its TDD LoRA (demo/distill_demo.py)
+#   make quality  env, then bench/quality.py --preset small: TDD vs TCD vs LCM students of the demo teacher
+#               (<= 45 min on 2 cores; out/quality_small/quality.md); QUALITY_PRESET=full writes docs/quality.md
 PORT ?= 8188
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 WITH_TEST_NODES ?=
+QUALITY_PRESET ?= small
 
-.PHONY: env test run demo demo-model
+.PHONY: env test run demo demo-model quality
 
 env:
 	bash scripts/bootstrap.sh
@@ -33,3 +36,6 @@ demo: env
 demo-model: env
 	$(PY) demo/train_teacher.py
 	$(PY) demo/distill_demo.py
+
+quality: env
+	$(PY) bench/quality.py --preset $(QUALITY_PRESET)

@@ -94,4 +94,11 @@ if [ ! -f "$test_req_stamp" ]; then
   pip install -r "$here/tests/requirements.txt"
   touch "$test_req_stamp"
 fi
+# Bench-only requirements (bench/requirements.txt: matplotlib for bench/quality.py's plots); not the pack's.
+bench_req_stamp="$VENV/.tdd-bench-requirements-$(sha1sum "$here/bench/requirements.txt" | cut -c1-12)"
+if [ ! -f "$bench_req_stamp" ]; then
+  log "pip install -r bench/requirements.txt"
+  pip install -r "$here/bench/requirements.txt"
+  touch "$bench_req_stamp"
+fi
 echo "$COMFYUI_PATH"

@@ -202,7 +202,12 @@ def test_colour_interval_of_a_half_recoloured_generator(instrument):
     assert many.hi - many.lo < few.hi - few.lo
 
 
-def test_a_matrix_without_a_square_root_is_detected():
-    """A nilpotent product has no square root: the helper says so, so the eps fallback runs."""
-    assert qm._sqrtm(np.array([[0.0, 1.0], [0.0, 0.0]])) is None
-    assert qm._sqrtm(np.diag([4.0, 9.0])) == pytest.approx(np.diag([2.0, 3.0]))
+def test_trace_root_agrees_with_scipy_sqrtm():
+    """The eigenvalue route equals tr(scipy.linalg.sqrtm(S1 S2)) on well-conditioned covariances."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(400, 12)), rng.normal(size=(400, 12)) @ rng.normal(size=(12, 12))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    want = float(np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
+    assert qm.trace_sqrt_product(s1, s2) == pytest.approx(want, rel=1e-8)

@@ -1,0 +1,92 @@
+"""bench/quality.py's own machinery (not its results): the TCD schedule it cites, the method list,
+and its sampling recipes on the real in-process ComfyUI host with the demo teacher.
+
+The end-to-end smoke preset (training four students included) takes minutes on 2 cores, so it is
+run by hand (`bench/quality.py --preset smoke`), not here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+
+import harness
+
+sys.path.insert(0, str(harness.REPO / "bench"))
+import quality  # noqa: E402
+
+PROMPTS = ["a red striped circle at the top left on a light background",
+           "a blue square at the bottom right on a dark background"]
+
+
+@pytest.mark.parametrize("steps", [2, 4, 6, 8])
+def test_tcd_timesteps_are_diffusers_tcd_schedule(steps):
+    from diffusers import TCDScheduler
+
+    sched = TCDScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         timestep_spacing="leading", steps_offset=1)
+    assert sched.config.original_inference_steps == 50  # the pipeline's default, used by TCD's own examples
+    sched.set_timesteps(steps)
+    assert quality.tcd_timesteps(steps) == sched.timesteps.tolist()
+
+
+def test_methods_follow_the_trainer():
+    from trainer.config import TrainConfig
+
+    names = [s.name for s in quality.available_students()]
+    assert names[:3] == ["tdd", "tcd", "lcm"]
+    has_adv = "adversarial" in {f.name for f in dataclasses.fields(TrainConfig)}
+    assert ("tdd_adv" in names) == has_adv
+
+
+def test_every_student_gets_the_same_budget():
+    preset = quality.PRESETS["small"]
+    shared = [quality.train_argv(s, preset)[:-len(s.train_flags)] for s in quality.available_students()]
+    assert all(a == shared[0] for a in shared)
+    keys = {quality.student_key(s, preset) for s in quality.available_students()}
+    assert len(keys) == len(quality.available_students())
+
+
+def test_too_few_samples_is_refused():
+    with pytest.raises(SystemExit, match="at least 2"):
+        quality.resolve_preset(quality.parse_args(["--preset", "smoke", "--samples", "1"]))
+
+
+@pytest.fixture(scope="module")
+def bench_host(host, comfy_base):
+    return quality.Host(comfy_base)
+
+
+def test_recipes_sample_every_method_in_the_host(bench_host):
+    """Each recipe runs through ComfyUI's SamplerCustomAdvanced on the demo teacher and gives uint8 images;
+    the same initial noise makes a recipe reproducible, different recipes give different images."""
+    chunks = [bench_host.encode(PROMPTS)]
+    images = {kind: bench_host.generate(kind, bench_host.model, 2, chunks) for kind in ("teacher", "tdd", "tcd", "lcm")}
+    for kind, img in images.items():
+        assert img.shape == (2, 64, 64, 3) and img.dtype == np.uint8, kind
+    assert np.array_equal(images["teacher"], bench_host.generate("teacher", bench_host.model, 2, chunks))
+    kinds = list(images)
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            assert not np.array_equal(images[a], images[b]), (a, b)
+    sweep = bench_host.generate("tdd", bench_host.model, 2, chunks, guidance=3.0)
+    assert not np.array_equal(sweep, images["tdd"])
+
+
+def test_stacked_prompts_condition_their_own_batch_item(bench_host):
+    """Item k of a chunk is prompt k: the first image of [p0, p1] is the image of [p0] alone (same noise),
+    and not the first image of [p1, p0]."""
+    both = bench_host.generate("teacher", bench_host.model, 4, [bench_host.encode(PROMPTS)])
+    alone = bench_host.generate("teacher", bench_host.model, 4, [bench_host.encode(PROMPTS[:1])])
+    swapped = bench_host.generate("teacher", bench_host.model, 4, [bench_host.encode(PROMPTS[::-1])])
+    assert np.abs(both[0].astype(int) - alone[0].astype(int)).max() <= 2
+    assert np.abs(both[0].astype(int) - swapped[0].astype(int)).mean() > 5
+
+
+def test_tcd_sigmas_sit_on_tcd_timesteps(bench_host):
+    ms = bench_host.model.get_model_object("model_sampling")
+    sigmas = bench_host.tcd_sigmas(bench_host.model, 4)
+    assert float(sigmas[-1]) == 0.0
+    assert [int(ms.timestep(s)) for s in sigmas[:-1]] == [999, 759, 499, 259]
