@@ -81,13 +81,16 @@ class Preset:
     images: int       # training data set size
     samples: int      # evaluation prompts (= images per (method, steps))
     chunk: int        # images per sampler call
-    n_boot: int
+    n_boot: int       # bootstrap draws for the means
+    fd_boot: int      # bootstrap draws for the Frechet distances (each one a 128-d matrix root)
 
 
 PRESETS = {
-    "smoke": Preset(train_steps=4, batch=4, warmup=2, images=32, samples=16, chunk=16, n_boot=50),
-    "small": Preset(train_steps=300, batch=16, warmup=50, images=1000, samples=256, chunk=128, n_boot=500),
-    "full": Preset(train_steps=1200, batch=32, warmup=100, images=4000, samples=1024, chunk=128, n_boot=1000),
+    "smoke": Preset(train_steps=4, batch=4, warmup=2, images=32, samples=16, chunk=16, n_boot=50, fd_boot=20),
+    "small": Preset(train_steps=250, batch=16, warmup=50, images=1000, samples=256, chunk=128, n_boot=500,
+                    fd_boot=100),
+    "full": Preset(train_steps=1200, batch=32, warmup=100, images=4000, samples=1024, chunk=128, n_boot=1000,
+                   fd_boot=200),
 }
 
 
@@ -113,9 +116,10 @@ RECIPES = {
                "workflow's teacher branch)",
     "tdd": "TDD Scheduler + TDD Sampler (eta 0.2) + TDD Guidance (scale 1.7 against the empty prompt): the "
            "TDD reference's SDXL setting",
-    "tcd": "TCD's own schedule (diffusers `TCDScheduler`, original_inference_steps 50: 999-759-499-259 at 4 "
-           "steps) + TDD Sampler at eta 0.3 (TCD's gamma 0.3: the same step, s = floor(0.7 t_next)) + CFGGuider "
-           "1.0 (TCD's reference samples with guidance off)",
+    "tcd": "TCD's own schedule (diffusers `TCDScheduler` with its default original_inference_steps 50: "
+           "999-759-499-259 at 4 steps) + TDD Sampler at eta 0.3 (TCD's gamma 0.3: the same step, s = floor(0.7 "
+           "t_next)) + CFGGuider 1.0, i.e. no guidance: the TCD authors' model-card example (h1t/TCD-SD15-LoRA: "
+           "TCDScheduler.from_config, guidance_scale 0, eta 0.3)",
     "lcm": "ModelSamplingDiscrete `lcm` + BasicScheduler `sgm_uniform` + KSamplerSelect `lcm` + CFGGuider 1.0 "
            "(ComfyUI's LCM recipe)",
 }
@@ -158,10 +162,12 @@ def train_argv(student: Student, preset: Preset) -> list[str]:
 
 
 def student_key(student: Student, preset: Preset) -> str:
-    """Cache key: the trainer flags, the TOML, the teacher weights and the data set size."""
+    """Cache key: the trainer flags, the TOML, the teacher weights, the data set size and the trainer's
+    code (trainer/ and tdd_core/: a fixed trainer bug retrains every student)."""
+    code = [*(REPO / "trainer").glob("*.py"), *(REPO / "tdd_core").glob("*.py")]
     blob = json.dumps({"argv": train_argv(student, preset), "toml": TRAIN_CONFIG.read_text(),
                        "teacher": file_digest(TEACHER_WEIGHTS.glob("*.safetensors")), "images": preset.images,
-                       "data_seed": DATA_SEED})
+                       "data_seed": DATA_SEED, "code": file_digest(code)})
     return f"{student.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -189,12 +195,12 @@ def train_student(student: Student, preset: Preset, data: Path, retrain: bool = 
         argv += ["--resume", str(run_dir)]
     log.info("%s: training %d steps x batch %d: trainer/distill.py %s", student.label, preset.train_steps,
              preset.batch, " ".join(argv))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     status = distill.main(argv)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if status != 0 or not out.is_file():
         raise RuntimeError(f"training the {student.label} student failed (exit status {status}); see the log above")
-    record = {"method": student.name, "argv": argv, "train_seconds": seconds}
+    record = {"method": student.name, "argv": argv, "train_seconds": seconds, "train_cpu_seconds": cpu}
     record_path.write_text(json.dumps(record, indent=1))
     log.info("%s: trained in %.0f s -> %s", student.label, seconds, out)
     return out, {**record, "cached": False}
@@ -256,7 +262,8 @@ class Host:
         link = self.loras / path.name
         if not link.exists():
             shutil.copyfile(path, link)
-        return self.run("LoraLoaderModelOnly", model=self.model, lora_name=f"quality/{path.name}", strength_model=1.0)[0]
+        return self.run("LoraLoaderModelOnly", model=self.model, lora_name=f"quality/{path.name}",
+                        strength_model=1.0)[0]
 
     def tcd_sigmas(self, model, steps: int):
         import torch
@@ -325,11 +332,12 @@ def sample_all(host: Host, students: dict, prompts: Prompts, preset: Preset) -> 
         plan += [("tdd_sweep", "TDD", "tdd", tdd_model, SWEEP_STEPS, g) for g in SWEEP_SCALES]
     runs = []
     for k, (name, label, kind, model, steps, guidance) in enumerate(plan, 1):
-        start = time.perf_counter()
+        start = clock()
         images = host.generate(kind, model, steps, chunks, guidance)
-        runs.append(Run(name, label, steps, guidance, images, time.perf_counter() - start))
-        log.info("[%d/%d] sampled %-18s %2d steps%s: %d images in %.1f s", k, len(plan), label, steps,
-                 "" if guidance is None else f" guidance {guidance}", len(images), runs[-1].seconds)
+        wall, cpu = clock() - start
+        runs.append(Run(name, label, steps, guidance, images, wall))
+        log.info("[%d/%d] sampled %-18s %2d steps%s: %d images in %.1f s (CPU %.1f s)", k, len(plan), label, steps,
+                 "" if guidance is None else f" guidance {guidance}", len(images), wall, cpu)
     return runs
 
 
@@ -362,7 +370,7 @@ def score_images(net, images, labels, real_feats, teacher_feats, preset: Preset)
     hits = qm.attribute_hits(preds, labels)
     out = {name: qm.bootstrap_ci(h, preset.n_boot, seed=0) for name, h in hits.items()}
     out["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), preset.n_boot, seed=0)
-    out["fd"] = qm.bootstrap_fd_ci(feats, real_feats, n_boot=max(preset.n_boot // 5, 20), seed=0)
+    out["fd"] = qm.bootstrap_fd_ci(feats, real_feats, n_boot=preset.fd_boot, seed=0)
     if teacher_feats is not None:
         out["fidelity"] = qm.bootstrap_ci(qm.pair_distances(feats, teacher_feats), preset.n_boot, seed=0)
     out["saturated"] = qm.bootstrap_ci(qm.saturated_per_image(images), preset.n_boot, seed=0)
@@ -445,7 +453,8 @@ def write_plots(runs: list[Run], prompts: Prompts, folder: Path) -> dict[str, Pa
                         label=label if name != "teacher" else "teacher (euler, CFG 4.5)", **style)
         ax.set_xscale("log")
         ax.minorticks_off()
-        ax.set_xticks(sorted({*STUDENT_STEPS, *TEACHER_STEPS}), [str(s) for s in sorted({*STUDENT_STEPS, *TEACHER_STEPS})])
+        ticks = sorted({*STUDENT_STEPS, *TEACHER_STEPS})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("sampling steps")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -455,7 +464,8 @@ def write_plots(runs: list[Run], prompts: Prompts, folder: Path) -> dict[str, Pa
     fig.savefig(files["steps"], dpi=110)
     plt.close(fig)
 
-    rows = [r for r in main_rows(runs) if r.steps == GRID_STEPS or (r.method == "teacher" and r.steps == max(TEACHER_STEPS))]
+    rows = [r for r in main_rows(runs)
+            if r.steps == GRID_STEPS or (r.method == "teacher" and r.steps == max(TEACHER_STEPS))]
     rows.sort(key=lambda r: (r.method != "teacher", -r.steps if r.method == "teacher" else 0))
     cols = min(GRID_COLUMNS, len(prompts.captions))
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.5 * cols + 1.6, 1.55 * len(rows) + 0.8), squeeze=False)
@@ -561,7 +571,8 @@ def write_doc(path: Path, runs, reference, records, plots, preset_name: str, pre
     lines += [f"- {s}" for steps in STUDENT_STEPS for s in compare(runs, steps)] or ["- (no TDD student in this run)"]
     teacher25 = next(r for r in runs if r.method == "teacher" and r.steps == max(TEACHER_STEPS))
     lines += ["", f"## TDD guidance sweep at {SWEEP_STEPS} steps", "", f"![guidance sweep]({rel['sweep']})", "",
-              "| guidance | mean accuracy % | saturated px % | mean HSV saturation | FD to real |", "|---|---|---|---|---|",
+              "| guidance | mean accuracy % | saturated px % | mean HSV saturation | FD to real |",
+              "|---|---|---|---|---|",
               f"| teacher 25 steps, CFG {TEACHER_CFG} | {pct(teacher25.metrics['mean'])} | "
               f"{pct(teacher25.metrics['saturated'])} | {num(teacher25.metrics['saturation'], 3)} | "
               f"{num(teacher25.metrics['fd'], 1)} |"]
@@ -571,11 +582,13 @@ def write_doc(path: Path, runs, reference, records, plots, preset_name: str, pre
         lines.append(f"| {scale} | {pct(m['mean'])} | {pct(m['saturated'])} | {num(m['saturation'], 3)} | "
                      f"{num(m['fd'], 1)} |")
     lines += ["", f"## Samples at {GRID_STEPS} steps", "", f"![samples]({rel['grid']})", "",
-              "## Cost", "", "| stage | wall time |", "|---|---|"]
+              "## Cost", "", "Wall time, and the CPU time of this process (what it costs on cores it has to itself, "
+              "one thread).", "", "| stage | wall time | CPU time |", "|---|---|---|"]
     for s, rec in records.items():
-        lines.append(f"| train {s.label} ({preset.train_steps} x {preset.batch}) | {rec['train_seconds'] / 60:.1f} min"
-                     f"{' (cached)' if rec.get('cached') else ''} |")
-    lines += [f"| {k} | {v / 60:.1f} min |" for k, v in timings.items()]
+        lines.append(f"| train {s.label} ({preset.train_steps} x {preset.batch}) | "
+                     f"{rec['train_seconds'] / 60:.1f} min | {rec.get('train_cpu_seconds', float('nan')) / 60:.1f} min"
+                     f"{' (cached: an earlier run)' if rec.get('cached') else ''} |")
+    lines += [f"| {k} | {wall / 60:.1f} min | {cpu / 60:.1f} min |" for k, (wall, cpu) in timings.items()]
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -612,6 +625,11 @@ def resolve_preset(args) -> Preset:
     return preset
 
 
+def clock() -> np.ndarray:
+    """(wall seconds, this process's CPU seconds) now; differences of two are durations."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -620,8 +638,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else (REPO / "docs" if args.preset == "full" else REPO / "out" / f"quality_{args.preset}")
-    t0 = time.perf_counter()
+    default_out = REPO / "docs" if args.preset == "full" else REPO / "out" / f"quality_{args.preset}"
+    out = Path(args.out) if args.out else default_out
+    t0 = clock()
     host = Host()  # before the trainer imports comfy: the in-process host owns ComfyUI's set-up
     students = available_students()
     log.info("preset %s: %s; methods: %s", args.preset, preset, ", ".join(s.label for s in students))
@@ -630,22 +649,22 @@ def main(argv=None) -> int:
     for s in students:
         path, records[s] = train_student(s, preset, data, args.retrain)
         models[s] = (host.with_lora(path), path)
-    t_sample = time.perf_counter()
+    t_sample = clock()
     prompts = eval_prompts(preset.samples)
     runs = sample_all(host, models, prompts, preset)
-    t_score = time.perf_counter()
+    t_score = clock()
     reference = score(runs, prompts, preset)
     log_figures(runs, reference)
     for steps in STUDENT_STEPS:
         for line in compare(runs, steps):
             log.info("%s", line)
     plots = write_plots(runs, prompts, out / "quality")
-    t_end = time.perf_counter()
+    t_end = clock()
     timings = {"sampling (all configurations)": t_score - t_sample, "scoring and plots": t_end - t_score,
                "whole bench, this run": t_end - t0}
     write_doc(out / "quality.md", runs, reference, records, plots, args.preset, preset, students, timings)
-    for k, v in timings.items():
-        log.info("%s: %.1f min", k, v / 60)
+    for k, (wall, cpu) in timings.items():
+        log.info("%s: %.1f min wall, %.1f min CPU", k, wall / 60, cpu / 60)
     log.info("wrote %s and %s", out / "quality.md", ", ".join(str(p) for p in plots.values()))
     return 0
 

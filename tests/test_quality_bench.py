@@ -90,3 +90,47 @@ def test_tcd_sigmas_sit_on_tcd_timesteps(bench_host):
     sigmas = bench_host.tcd_sigmas(bench_host.model, 4)
     assert float(sigmas[-1]) == 0.0
     assert [int(ms.timestep(s)) for s in sigmas[:-1]] == [999, 759, 499, 259]
+
+
+def _run(method, label, steps, images, guidance=None):
+    return quality.Run(method, label, steps, guidance, images, seconds=0.0)
+
+
+def test_report_from_constructed_runs(tmp_path):
+    """Scoring and the report on constructed images (no host, no training): a student that draws the real
+    image of each prompt scores like the real images and is 'ahead of' one that draws each prompt's image
+    in the wrong place of the batch; the teacher's 25-step run has fidelity 0; quality.md has a row per
+    (method, steps), the sweep with the recommended scale, and its three plots exist."""
+    from demo import dataset
+
+    n = 24
+    prompts = quality.eval_prompts(n)
+    real = np.stack([dataset.sample(quality.PROMPT_SEED, i)[0] for i in range(n)])
+    wrong = np.roll(real, 1, axis=0)
+    runs = [_run("teacher", "teacher", s, real if s == 25 else wrong) for s in quality.TEACHER_STEPS]
+    runs += [_run("tdd", "TDD", s, real) for s in quality.STUDENT_STEPS]
+    runs += [_run("lcm", "LCM", s, wrong) for s in quality.STUDENT_STEPS]
+    runs += [_run("tdd_sweep", "TDD", quality.SWEEP_STEPS, real, g) for g in quality.SWEEP_SCALES]
+    preset = dataclasses.replace(quality.PRESETS["smoke"], samples=n, n_boot=50, fd_boot=3)
+    reference = quality.score(runs, prompts, preset)
+
+    ref_mean = reference["real images of the prompts"]["mean"].value
+    tdd4, lcm4 = (next(r for r in runs if r.method == m and r.steps == 4) for m in ("tdd", "lcm"))
+    assert tdd4.metrics["mean"].value == ref_mean
+    assert runs[3].metrics["fidelity"].value == 0.0 and runs[0].metrics["fidelity"].value > 0.0
+    assert quality.compare(runs, 4) == [f"at 4 steps TDD ({quality.pct(tdd4.metrics['mean'])}) is ahead of LCM "
+                                        f"({quality.pct(lcm4.metrics['mean'])})"]
+
+    plots = quality.write_plots(runs, prompts, tmp_path / "quality")
+    doc = tmp_path / "quality.md"
+    students = [s for s in quality.STUDENTS if s.name in ("tdd", "lcm")]
+    records = {s: {"train_seconds": 60.0, "train_cpu_seconds": 50.0, "cached": False} for s in students}
+    quality.write_doc(doc, runs, reference, records, plots, "smoke", preset, students,
+                      {"sampling (all configurations)": (1.0, 1.0)})
+    text = doc.read_text()
+    for label, steps in [("teacher", 25), ("TDD", 2), ("TDD", 8), ("LCM", 6)]:
+        assert f"| {label} | {steps} | " in text
+    assert f"| {quality.TDD_GUIDANCE} (recommended) |" in text and "| 3.0 |" in text
+    for path in plots.values():
+        assert path.is_file() and path.stat().st_size > 10_000
+        assert f"]({path.relative_to(tmp_path)})" in text
