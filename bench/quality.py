@@ -259,9 +259,8 @@ class Host:
     def with_lora(self, path: Path):
         """The teacher with a student LoRA (stock LoraLoaderModelOnly at strength 1)."""
         self.loras.mkdir(parents=True, exist_ok=True)
-        link = self.loras / path.name
-        if not link.exists():
-            shutil.copyfile(path, link)
+        if not (self.loras / path.name).exists():  # a copy where ComfyUI's LoRA loaders look
+            shutil.copyfile(path, self.loras / path.name)
         return self.run("LoraLoaderModelOnly", model=self.model, lora_name=f"quality/{path.name}",
                         strength_model=1.0)[0]
 
