@@ -1,11 +1,20 @@
 #!/usr/bin/env python
 """Trainer benchmark: samples/s and peak memory of a training step for --method tdd vs lcm, and the
-cost of one training step relative to one plain teacher forward+backward, measured side by side.
+cost of one training step relative to one plain teacher forward+backward, measured side by side, for
+an SD-family teacher and a FLUX.1 (flow-matching) teacher in the same run.
 
     .venv/bin/python bench/bench_trainer.py [--batch 4] [--steps 8] [--teacher tests/trainer_fixtures.py:tiny_sd15]
+        [--flux-teacher tests/flux_fixtures.py:tiny_flux | --flux-teacher none]
 
-Default model: the tiny random-weight SD1.5 built from host classes (CPU-friendly). Any --teacher the
-trainer accepts works (a real checkpoint on a GPU gives the numbers that matter for production).
+Default models: the tiny random-weight SD1.5 and the reduced FLUX.1 (2 double + 2 single blocks, width
+64), both built from host classes (CPU-friendly). Any --teacher the trainer accepts works (a real
+checkpoint on a GPU gives the numbers that matter for production).
+
+What a step costs, in units of one forward pass (a plain forward+backward is about 3 units):
+- SD family (docs/method.md §5.5): the teacher's cond+uncond pass at 2x batch (2) + the no-grad student
+  target (1) + the student forward+backward (3) = 6 units, about 2x a plain forward+backward;
+- FLUX (docs/method.md §5.1): one teacher pass, no CFG (1) + the target (1) + the student (3) = 5 units,
+  about 5/3 = 1.67x.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from trainer import models  # noqa: E402
-from trainer.algorithm import DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch  # noqa: E402
+from trainer.algorithm import StepConfig, TargetSampler, compute_loss, draw_batch  # noqa: E402
 from trainer.lora import LoRANetwork  # noqa: E402
 
 log = logging.getLogger("bench_trainer")
@@ -66,9 +75,83 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def bench_teacher(teacher, args, device, methods) -> tuple[dict, list[float], int]:
+    """Time ``methods``' training steps and the plain forward+backward on one teacher.
+    -> ({method: (samples/s, peak bytes, growth bytes)}, training-step / plain-step ratios, LoRA modules)."""
+    network = LoRANetwork(teacher.lora_targets(), args.rank, 8.0).to(device).attach()
+    params = list(network.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    sched = teacher.schedule()  # the family's noise levels and teacher step
+    gen = torch.Generator().manual_seed(0)
+    lat, channels = args.resolution // 8, teacher.model.latent_format.latent_channels
+    x0 = torch.randn(args.batch, channels, lat, lat, generator=gen).to(device)
+    ctx, pooled = teacher.encode_text(["a photo of a cat"] * args.batch)
+    cond = teacher.make_cond(ctx, pooled, args.resolution, args.resolution)
+    e_ctx, e_pooled = teacher.encode_text([""])
+    u = teacher.uncond(e_ctx, e_pooled, args.resolution, args.resolution)
+    uncond = type(u)(u.context.expand(args.batch, -1, -1), None if u.y is None else u.y.expand(args.batch, -1),
+                     None if u.guidance is None else u.guidance.expand(args.batch))
+    loss_kind = "l2" if teacher.arch == "flux" else "huber"
+
+    def student(z, t, c):
+        return teacher.x0(z, t, c)
+
+    def frozen(z, t, c):
+        with network.disabled():
+            return teacher.x0(z, t, c)
+
+    def draws(k, method="tdd"):
+        return draw_batch(TargetSampler(method), 0, range(k * args.batch, (k + 1) * args.batch), x0.shape[1:], 0.2)
+
+    def train_step(method, k):
+        step_cfg = StepConfig(method=method, loss=loss_kind)
+        loss = compute_loss(student, frozen, x0, cond, uncond, draws(k, method), sched, step_cfg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def plain_step(k):
+        """One teacher(+LoRA) forward and backward on the same batch: the unit of cost."""
+        d = draws(k)
+        z = sched.noised(x0, d.noise.to(device), d.t.to(device))
+        out = student(z, d.t.to(device), cond)
+        ((out - x0) ** 2).mean().backward()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn, *a):
+        sync(device)
+        t0 = time.perf_counter()
+        fn(*a)
+        sync(device)
+        return time.perf_counter() - t0
+
+    try:
+        for m in methods:  # warm-up
+            train_step(m, 0)
+        plain_step(0)
+        results = {}
+        for method in methods:
+            with PeakMemory(device) as mem:
+                times = [timed(train_step, method, k) for k in range(1, args.steps + 1)]
+            results[method] = (args.batch / statistics.median(times), mem.peak, mem.peak - mem.base)
+        # side by side: alternate training steps and plain forward+backward steps
+        ratios = []
+        for k in range(1, args.steps + 1):
+            t_train = timed(train_step, "tdd", k)
+            t_plain = timed(plain_step, k)
+            ratios.append(t_train / t_plain)
+    finally:
+        network.detach_hooks()
+    return results, ratios, len(network.prefixes)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default=os.path.join(REPO, "tests", "trainer_fixtures.py") + ":tiny_sd15")
+    p.add_argument("--teacher", default=os.path.join(REPO, "tests", "trainer_fixtures.py") + ":tiny_sd15",
+                   help="SD-family teacher (default: the tiny SD1.5)")
+    p.add_argument("--flux-teacher", default=os.path.join(REPO, "tests", "flux_fixtures.py") + ":tiny_flux",
+                   help="FLUX teacher (default: the reduced FLUX.1), or 'none' to skip it")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64, help="pixels (latent = resolution / 8)")
@@ -84,79 +167,34 @@ def main(argv=None):
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    teacher = models.load_teacher(args.teacher, device=str(device)).to(device)
-    network = LoRANetwork(teacher.lora_targets(), args.rank, 8.0).to(device).attach()
-    params = list(network.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    sched = DiscreteSchedule(teacher.sigmas)
-    gen = torch.Generator().manual_seed(0)
-    lat = args.resolution // 8
-    x0 = torch.randn(args.batch, 4, lat, lat, generator=gen).to(device)
-    ctx, pooled = teacher.encode_text(["a photo of a cat"] * args.batch)
-    cond = teacher.make_cond(ctx, pooled, args.resolution, args.resolution)
-    e_ctx, e_pooled = teacher.encode_text([""])
-    u = teacher.uncond(e_ctx, e_pooled, args.resolution, args.resolution)
-    uncond = type(u)(u.context.expand(args.batch, -1, -1), None if u.y is None else u.y.expand(args.batch, -1))
-
-    def student(z, t, c):
-        return teacher.x0(z, t, c)
-
-    def frozen(z, t, c):
-        with network.disabled():
-            return teacher.x0(z, t, c)
-
-    def train_step(method, k):
-        draws = draw_batch(TargetSampler(method), 0, range(k * args.batch, (k + 1) * args.batch), x0.shape[1:], 0.2)
-        loss = compute_loss(student, frozen, x0, cond, uncond, draws, sched, StepConfig(method=method))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def plain_step(k):
-        """One teacher(+LoRA) forward and backward on the same batch: the unit of cost."""
-        draws = draw_batch(TargetSampler("tdd"), 0, range(k * args.batch, (k + 1) * args.batch), x0.shape[1:], 0.2)
-        a, s = sched.coeffs(draws.t, x0)
-        z = a * x0 + s * draws.noise.to(device)
-        out = student(z, draws.t.to(device), cond)
-        ((out - x0) ** 2).mean().backward()
-        opt.zero_grad(set_to_none=True)
-
-    def timed(fn, *a):
-        sync(device)
-        t0 = time.perf_counter()
-        fn(*a)
-        sync(device)
-        return time.perf_counter() - t0
-
-    for m in ("tdd", "lcm"):  # warm-up
-        train_step(m, 0)
-    plain_step(0)
-
-    results = {}
-    for method in ("tdd", "lcm"):
-        with PeakMemory(device) as mem:
-            times = [timed(train_step, method, k) for k in range(1, args.steps + 1)]
-        results[method] = (args.batch / statistics.median(times), mem.peak, mem.peak - mem.base)
-
-    # side by side: alternate training steps and plain forward+backward steps
-    ratios = []
-    for k in range(1, args.steps + 1):
-        t_train = timed(train_step, "tdd", k)
-        t_plain = timed(plain_step, k)
-        ratios.append(t_train / t_plain)
-
-    log.info("device %s, teacher %s (%s), batch %d, %dx%d latent, LoRA rank %d, %d LoRA modules",
-             device, teacher.name, teacher.arch, args.batch, lat, lat, args.rank, len(network.prefixes))
+    runs = [(args.teacher, ("tdd", "lcm"))]  # FLUX: lcm's boundary conditions are the discrete schedule's only
+    if args.flux_teacher.lower() != "none":
+        runs.append((args.flux_teacher, ("tdd",)))
+    rows = []
+    for spec, methods in runs:
+        teacher = models.load_teacher(spec, device=str(device)).to(device)
+        results, ratios, modules = bench_teacher(teacher, args, device, methods)
+        rows.append((teacher, results, ratios, modules))
     what = "CUDA allocated" if device.type == "cuda" else "process RSS"
-    for method, (sps, peak, grow) in results.items():
-        log.info("  --method %-3s  %8.2f samples/s   peak %s %8.1f MiB (+%.1f MiB during the steps)",
-                 method, sps, what, peak / 2 ** 20, grow / 2 ** 20)
-    log.info("  training step / plain teacher forward+backward = %.2f (median of %d, min %.2f, max %.2f)",
-             statistics.median(ratios), len(ratios), min(ratios), max(ratios))
-    log.info("  (a step = 1 batched cond+uncond teacher forward at 2x batch + 1 no-grad student target forward "
-             "+ 1 student forward+backward)")
-    return results, statistics.median(ratios)
+    lat = args.resolution // 8
+    log.info("device %s, batch %d, %dx%d latent, LoRA rank %d", device, args.batch, lat, lat, args.rank)
+    expected = {"flux": "1 teacher pass, no CFG + 1 no-grad target + 1 student fwd+bwd: ~5/3 = 1.67x",
+                "sd": "1 cond+uncond teacher pass at 2x batch + 1 no-grad target + 1 student fwd+bwd: ~2x"}
+    summary = {}
+    for teacher, results, ratios, modules in rows:
+        log.info("%s: %s (%d LoRA modules)", teacher.arch, teacher.name, modules)
+        for method, (sps, peak, grow) in results.items():
+            log.info("  --method %-3s  %8.2f samples/s   peak %s %8.1f MiB (+%.1f MiB during the steps)",
+                     method, sps, what, peak / 2 ** 20, grow / 2 ** 20)
+        log.info("  training step / plain forward+backward = %.2f (median of %d, min %.2f, max %.2f; expected %s)",
+                 statistics.median(ratios), len(ratios), min(ratios), max(ratios),
+                 expected["flux" if teacher.arch == "flux" else "sd"])
+        summary[teacher.arch] = (results, statistics.median(ratios))
+    if len(rows) == 2:
+        (sd_arch, (_, sd_ratio)), (_, (_, flux_ratio)) = summary.items()
+        log.info("side by side: step cost %s %.2fx vs flux %.2fx a plain forward+backward (flux / %s = %.2f)",
+                 sd_arch, sd_ratio, flux_ratio, sd_arch, flux_ratio / sd_ratio)
+    return summary
 
 
 if __name__ == "__main__":

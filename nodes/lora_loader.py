@@ -1,4 +1,4 @@
-"""TDD LoRA Loader -> MODEL, CLIP: the released TDD LoRAs and this pack's trainer output (spec section 6).
+"""TDD LoRA Loader -> MODEL, CLIP: the released TDD LoRAs and this pack's trainer output (docs/method.md §6).
 
 SDXL releases and the pack's trainer use kohya keys with a stored ``.alpha``; the host's LoRA code
 applies them as they are. FLUX.1-dev releases use PEFT/diffusers keys (``lora_A``/``lora_B``) with no
@@ -26,7 +26,7 @@ from .validation import TDDNode
 
 log = logging.getLogger("tdd")
 
-PEFT_TRAINED_SCALE = 8 / 64  # alpha / rank of the FLUX TDD releases (spec section 6)
+PEFT_TRAINED_SCALE = 8 / 64  # alpha / rank of the FLUX TDD releases (docs/method.md §6)
 _MODULE_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".lora_mid.weight",
                     ".alpha", ".dora_scale", ".diff", ".diff_b", ".set_weight", ".w_norm", ".b_norm")
 
@@ -107,7 +107,8 @@ def load_tdd_lora(model, clip, path: str, strength_model: float, strength_clip: 
         lora_format = (f"PEFT/diffusers keys without alpha: applied at the trained scale 8/64 = {PEFT_TRAINED_SCALE} "
                        f"times strength (strength 1.0 is correct)")
     else:
-        lora_format = "kohya keys with stored alpha (strength 1.0 is the trained scale)"
+        style = "PEFT/diffusers" if any(k.endswith(".lora_A.weight") for k in lora) else "kohya"
+        lora_format = f"{style} keys with stored alpha: a trained-scale file (strength 1.0 is the trained scale)"
     info = describe(name, metadata, lora_format, len({module_of(k) for k in lora}))
     log.info("TDD LoRA %s", info)
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)

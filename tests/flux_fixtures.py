@@ -113,12 +113,13 @@ def build_clip(seed: int = 0):
     return clip
 
 
-def vae_state_dict(seed: int = 0) -> dict:
-    """A FLUX preview autoencoder (TAESD, 16 latent channels) with FLUX's latent scale and shift stored."""
+def vae_state_dict(seed: int = 0, latent_channels: int = 16) -> dict:
+    """A FLUX preview autoencoder (TAESD, 16 latent channels) with FLUX's latent scale and shift stored
+    (``latent_channels=4``: an SD-style one, for the wrong-VAE test)."""
     ensure_host("cpu")
     from comfy.taesd.taesd import TAESD
 
-    ae = TAESD(latent_channels=16)
+    ae = TAESD(latent_channels=latent_channels)
     _init(ae, seed + 2)
     sd = {k: v.detach().clone() for k, v in ae.state_dict().items()}
     sd["vae_scale"], sd["vae_shift"] = torch.tensor(FLUX_VAE_SCALE), torch.tensor(FLUX_VAE_SHIFT)
@@ -154,7 +155,8 @@ def save_flux_files(folder, seed: int = 0, unet_dtype: torch.dtype = torch.float
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     patcher, clip, _ = tiny_flux(seed)
-    unet_sd = {k: v.to(unet_dtype).contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    full = {k: v.contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    unet_sd = {k: v.to(unet_dtype) for k, v in full.items()}
     te_sd = clip.cond_stage_model.state_dict()
     part = lambda prefix: {k[len(prefix):]: v.contiguous() for k, v in te_sd.items() if k.startswith(prefix)}  # noqa: E731
     clip_l, t5 = part("clip_l.transformer."), part("t5xxl.transformer.")
@@ -164,7 +166,7 @@ def save_flux_files(folder, seed: int = 0, unet_dtype: torch.dtype = torch.float
     save_file(clip_l, str(files["clip_l"]))
     save_file(t5, str(files["t5xxl"]))
     save_file(vae, str(files["vae"]))
-    allin = {**{f"model.diffusion_model.{k}": v.float() for k, v in unet_sd.items()},
+    allin = {**{f"model.diffusion_model.{k}": v for k, v in full.items()},  # fp32, whatever unet_dtype is
              **{f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_l.items()},
              **{f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items()},
              **{f"vae.{k}": v for k, v in vae.items()}}
@@ -174,9 +176,20 @@ def save_flux_files(folder, seed: int = 0, unet_dtype: torch.dtype = torch.float
 
 @contextlib.contextmanager
 def reduced_flux_host():
-    """Within this block the host's loaders build the reduced sizes: FLUX detection takes 4 heads of 16
-    at width 64, and the T5-XXL / CLIP-L configs are the reduced ones (the reduced T5 also counts as
-    T5-XXL for text-encoder detection)."""
+    """Within this block the host's loaders build the reduced sizes. The host hard-codes FLUX.1's sizes
+    where a state dict alone can't tell them, so exactly three host functions are wrapped, each only
+    for the reduced model's shapes (a full-size file passes through unchanged):
+
+    - ``comfy.model_detection.detect_unet_config``: a FLUX config of width 64 gets 4 heads of 16 and
+      axes (4, 6, 6) (the host assumes 24 heads of 128);
+    - ``comfy.sd1_clip.SDClipModel.__init__``: the bundled CLIP-L and T5-XXL JSON configs are swapped
+      for the reduced ones (the host builds them from those files, not from the weights);
+    - ``comfy.sd.detect_te_model``: the reduced T5 (width 64) counts as T5-XXL (the host tells T5
+      sizes apart by width).
+
+    Everything else is the real path: reading the files, prefix handling, FLUX model detection, the
+    FLUX CLIP type and tokenizers, dtype choices, the host's FLUX / text-encoder / VAE classes, and the
+    trainer's own checks (text-encoder family via ``detect_te_model``, VAE channels, bare-FLUX files)."""
     ensure_host("cpu")
     import comfy.model_detection as md
     import comfy.sd

@@ -180,7 +180,11 @@ def test_config_toml_and_flag_override(tmp_path):
                     'eta-max = 0.25\nvalidation_prompts = ["a cat", "a dog"]\n')
     cfg = parse_args(["--config", str(toml), "--lr", "3e-6"])
     assert (cfg.method, cfg.lr, cfg.eta_max, cfg.validation_prompts) == ("lcm", 3e-6, 0.25, ["a cat", "a dog"])
-    assert cfg.rank == 64 and cfg.alpha == 8 and cfg.empty_prompt_prob == 0.2 and cfg.teacher_guidance == 3.5
+    assert cfg.rank == 64 and cfg.alpha == 8 and cfg.teacher_guidance == 3.5
+    # unset family-dependent settings are filled once the teacher's family is known (SD here; FLUX: §5.1)
+    assert cfg.empty_prompt_prob is None and cfg.weight_decay is None
+    cfg.apply_family_defaults("sdxl")
+    assert (cfg.empty_prompt_prob, cfg.weight_decay, cfg.loss, cfg.lr) == (0.2, 0.0, "huber", 3e-6)
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rate = 1\n")
     with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):

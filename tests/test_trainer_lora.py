@@ -41,7 +41,7 @@ def test_every_written_key_maps_through_host_key_map(arch, modules):
 def test_flow_and_unsupported_teachers_are_refused():
     from types import SimpleNamespace
 
-    with pytest.raises(TeacherError, match="flow distillation isn't supported yet"):
+    with pytest.raises(TeacherError, match="FLUX diffusion model without its text encoders"):
         Teacher(SimpleNamespace(model=fx.meta_flux()), None, None)
     import comfy.model_detection
     cfg = dict(fx.FULL_UNET_CONFIGS["sdxl"], adm_in_channels=2560, model_channels=384, num_res_blocks=[2, 2, 2, 2],

@@ -154,12 +154,12 @@ def test_jsonl_cache_and_undecodable_images(tiny, tmp_path):
     # a second run reads the cache instead of re-encoding
     from trainer.models import Teacher
     calls = []
-    orig = Teacher.encode_images
-    Teacher.encode_images = lambda self, px: (calls.append(1), orig(self, px))[1]
+    orig = Teacher.encode_posterior
+    Teacher.encode_posterior = lambda self, px: (calls.append(1), orig(self, px))[1]
     try:
         r2 = train(cfg(jsonl, tmp_path / "again", cache_dir=str(cache), max_steps=1), components=tiny)
     finally:
-        Teacher.encode_images = orig
+        Teacher.encode_posterior = orig
     assert r2["status"] == "done" and calls == []
 
 
@@ -194,6 +194,31 @@ def test_gradient_checkpointing_gives_same_result(images, tmp_path, tiny):
     assert torch.allclose(torch.tensor(plain["losses"]), torch.tensor(ckpt["losses"]), rtol=1e-5)
     a, b = lora_tensors(plain["out"]), lora_tensors(ckpt["out"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_recomputes_the_unet_layers():
+    """Backward re-runs the checkpointed layers' insides: the UNet's convs and linears run about twice as
+    often per forward+backward with checkpointing as without (the host calls each block's layers directly,
+    so wrapping the blocks themselves would do nothing)."""
+    from trainer.algorithm import Cond
+    from trainer.lora import enable_gradient_checkpointing
+    from trainer.models import from_components
+
+    def calls_per_step(checkpointing: bool) -> int:
+        teacher = from_components(*fx.tiny_sd15(0))
+        if checkpointing:
+            enable_gradient_checkpointing(teacher.checkpoint_blocks())
+        count = [0]
+        for m in teacher.unet.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        z = torch.randn(1, 4, 8, 8, requires_grad=True)
+        ctx, _ = teacher.encode_text(["a"])
+        teacher.x0(z, torch.tensor([500]), Cond(ctx)).sum().backward()
+        return count[0]
+
+    plain, ckpt = calls_per_step(False), calls_per_step(True)
+    assert 1.7 * plain < ckpt <= 2 * plain
 
 
 def test_bf16_autocast_on_cpu(images, tmp_path, tiny):

@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .flow import FLUX_DEFAULTS, FLUX_METHODS
+
 METHODS = ("tdd", "tcd", "lcm")
 LOSSES = ("huber", "l2")
 SCHEDULES = ("constant", "warmup", "cosine")
@@ -25,18 +27,23 @@ class ConfigError(ValueError):
 class TrainConfig:
     # inputs / outputs
     teacher: str | None = None          # single-file checkpoint, or "module:function" / "file.py:function" factory
+    unet: str | None = None             # FLUX as separate files: the diffusion model (with clip and vae)
+    clip: list[str] = field(default_factory=list)  # FLUX text encoders: CLIP-L and T5-XXL
+    vae: str | None = None              # FLUX VAE (ae.safetensors)
     data: str | None = None             # image folder with .txt captions, or a .jsonl of {path, caption}
     out: str = "tdd_lora.safetensors"
     run_dir: str | None = None          # checkpoints, logs, validation images (default: <out stem>_run)
     resume: str | None = None
-    # algorithm (spec section 5)
+    # algorithm (docs/method.md §5)
     method: str = "tdd"
     kmin: int = 4
     kmax: int = 8
     eta_max: float = 0.3
-    empty_prompt_prob: float = 0.2
+    empty_prompt_prob: float | None = None  # None: the family's default (FAMILY_DEFAULTS)
     teacher_guidance: float = 3.5
-    loss: str = "huber"
+    flux_guidance: float = 1.5          # FLUX's guidance embedding (student, teacher and target alike)
+    flux_guidance_range: list[float] | None = None  # [lo, hi]: draw it per sample from U(lo, hi) instead
+    loss: str | None = None
     huber_c: float = 0.001
     rank: int = 64
     alpha: float = 8.0
@@ -45,10 +52,10 @@ class TrainConfig:
     adv_weight: float = 0.1             # weight of the generator hinge term in the student's loss
     adv_lr: float = 1e-5                # the discriminator heads' AdamW (betas (0, 0.999), weight decay 1e-3)
     # optimisation
-    lr: float = 1e-6
+    lr: float | None = None
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -65,6 +72,7 @@ class TrainConfig:
     resolution: int | None = None       # default: the architecture's native size
     cache_dir: str | None = None
     num_workers: int = 2
+    center_crop: bool = False           # default: a random crop per sample (the reference's)
     preset: str | None = None           # trainer/presets/<name>.toml under the TOML file and the flags
     # bookkeeping
     save_every: int = 500
@@ -88,13 +96,26 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def bad(msg):
             raise ConfigError(msg)
-        if not self.teacher:
-            bad("no teacher: pass --teacher path/to/model.safetensors (an SD1.5, SD2.x or SDXL checkpoint)")
+        if not self.teacher and not self.unet:
+            bad("no teacher: pass --teacher path/to/model.safetensors (an SD1.5, SD2.x, SDXL or all-in-one FLUX "
+                "checkpoint), or FLUX as --unet flux1-dev.safetensors --clip clip_l.safetensors "
+                "--clip t5xxl_fp16.safetensors --vae ae.safetensors")
+        if self.unet and self.teacher:
+            bad("pass either --teacher (one checkpoint) or --unet/--clip/--vae (FLUX as separate files), not both")
+        if self.unet and (len(self.clip) != 2 or not self.vae):
+            bad(f"--unet {self.unet} needs its two text encoders and its VAE: add --clip clip_l.safetensors "
+                "--clip t5xxl_fp16.safetensors --vae ae.safetensors")
+        if not self.unet and (self.clip or self.vae):
+            bad("--clip/--vae go with --unet (FLUX as separate files); a --teacher checkpoint brings its own")
+        if self.flux_guidance_range is not None:
+            r = list(self.flux_guidance_range)
+            if len(r) != 2 or not 0.0 <= r[0] <= r[1]:
+                bad(f"--flux-guidance-range needs two values 0 <= LO <= HI (the reference's is 0 3), got {r}")
         if not self.data:
             bad("no training data: pass --data DIR (images with same-named .txt captions) or --data file.jsonl")
         if self.method not in METHODS:
             bad(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.loss not in LOSSES:
+        if self.loss is not None and self.loss not in LOSSES:
             bad(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.lr_schedule not in SCHEDULES:
             bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
@@ -108,14 +129,14 @@ class TrainConfig:
             bad(f"need 1 <= --kmin <= --kmax <= 50, got kmin={self.kmin} kmax={self.kmax}")
         if not 0.0 <= self.eta_max <= 1.0:
             bad(f"--eta-max must be in [0, 1] (reference 0.3), got {self.eta_max}")
-        if not 0.0 <= self.empty_prompt_prob <= 1.0:
+        if self.empty_prompt_prob is not None and not 0.0 <= self.empty_prompt_prob <= 1.0:
             bad(f"--empty-prompt-prob must be in [0, 1], got {self.empty_prompt_prob}")
         for name in ("rank", "batch_size", "grad_accum", "max_steps", "save_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             bad(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             bad(f"--lr must be > 0, got {self.lr}")
         if self.accumulate_to is not None and self.accumulate_to < 1:
             bad(f"--accumulate-to must be >= 1, got {self.accumulate_to}")
@@ -140,8 +161,14 @@ class TrainConfig:
             fields["max_steps"] = self.max_steps
         if self.adversarial:  # (absent when off, so plain runs keep their fingerprints)
             fields.update(adversarial=True, adv_weight=float(self.adv_weight), adv_lr=float(self.adv_lr))
+        if self.center_crop:  # (absent when off, as above)
+            fields["center_crop"] = True
         fields["dataset"] = dataset_id
         fields["teacher"] = teacher_id
+        if teacher_id.startswith("flux-"):
+            fields["flux_guidance"] = float(self.flux_guidance)
+            fields["flux_guidance_range"] = None if self.flux_guidance_range is None else [
+                float(v) for v in self.flux_guidance_range]
         return fields
 
     def resolve_accumulation(self) -> "TrainConfig":
@@ -155,6 +182,25 @@ class TrainConfig:
             self.grad_accum = self.accumulate_to // per_step
         return self
 
+    def apply_family_defaults(self, arch: str) -> "TrainConfig":
+        """Fill the settings left unset (None) with the teacher family's defaults; refuse what the family
+        can't do. Called once the teacher is loaded, before the run's fingerprint."""
+        family = "flux" if arch == "flux" else "sd"
+        for name, value in FAMILY_DEFAULTS[family].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if family == "flux" and self.method not in FLUX_METHODS:
+            raise ConfigError(f"--method {self.method} is not supported for flow-matching (FLUX) teachers: its "
+                              "boundary conditions belong to the discrete DDPM schedule; use --method tdd (default) "
+                              "or tcd")
+        return self
+
+
+#: Defaults of the settings that differ by teacher family (SD: docs/method.md §5; FLUX: docs/method.md §5.1).
+FAMILY_DEFAULTS = {
+    "sd": {"loss": "huber", "lr": 1e-6, "weight_decay": 0.0, "empty_prompt_prob": 0.2},
+    "flux": FLUX_DEFAULTS,
+}
 
 
 def fingerprint(fields: dict) -> str:
@@ -173,12 +219,21 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distill.py",
-        description="Distil an SD1.5/SD2.x/SDXL checkpoint into a Target-Driven Distillation (TDD) LoRA. "
+        description="Distil an SD1.5/SD2.x/SDXL or FLUX.1-dev model into a Target-Driven Distillation (TDD) LoRA. "
                     "Flags override the TOML --config file, which overrides the defaults.",
         argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="TOML file with any of the settings below (names with - or _)")
     helps = {
         "teacher": "teacher checkpoint (.safetensors/.ckpt), or a factory 'module:function' returning (model, clip, vae)",
+        "unet": "FLUX diffusion-model file (as ComfyUI's UNETLoader loads it), with --clip twice and --vae",
+        "clip": "FLUX text encoder file: give it twice, CLIP-L and T5-XXL (as DualCLIPLoader type flux)",
+        "vae": "FLUX VAE file (ae.safetensors)",
+        "flux_guidance": "FLUX guidance embedding during training (reference 1.5)",
+        "flux_guidance_range": "draw FLUX's guidance per sample from U(LO, HI) instead (reference adversarial: 0 3)",
+        "loss": "huber (pseudo-Huber) or l2; default huber for SD, l2 for FLUX",
+        "lr": "learning rate; default 1e-6 for SD (reference), 1e-4 for FLUX (reference)",
+        "weight_decay": "AdamW weight decay; default 0 for SD, 1e-2 for FLUX",
+        "empty_prompt_prob": "probability of training on the empty prompt; default 0.2 for SD, 0 for FLUX",
         "data": "folder of images with same-named .txt captions, or a .jsonl of {\"path\", \"caption\"}",
         "out": "output LoRA file (default tdd_lora.safetensors)",
         "run_dir": "folder for checkpoints, log.csv and validation grids (default: <out>_run)",
@@ -187,12 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         "eta_max": "largest target shrink (s = floor((1 - u*eta_max) * tau)); reference 0.3",
         "teacher_guidance": "teacher guidance w (LCM convention, eps_c + w (eps_c - eps_u)); reference 3.5",
         "resolution": "training resolution (default: 512 SD1.5/SD2 base, 768 SD2 v, 1024 SDXL)",
-        "cache_dir": "cache VAE latents and text embeddings here (computed once, reused by later runs)",
+        "cache_dir": "cache VAE posteriors (mean, log-variance) and text embeddings here (computed once, reused by "
+                     "later runs; a fresh latent is drawn from the posterior for every sample)",
+        "center_crop": "crop each image's centre instead of a random crop per sample (the reference's default)",
         "precision": "autocast precision: auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU), fp32, bf16, fp16",
         "base_dtype": "storage dtype of the frozen base model: auto (fp32, as the reference), or bf16/fp16/fp8 to "
                       "save memory (noisier targets: see docs/trainer.md)",
-        "preset": "the reference's hyper-parameters for a family (trainer/presets/NAME.toml): sd15, sdxl, sdxl-adv; "
-                  "the --config file and flags override it",
+        "preset": "the reference's hyper-parameters for a family (trainer/presets/NAME.toml): sd15, sdxl, sdxl-adv, "
+                  "flux; the --config file and flags override it",
         "accumulate_to": "global batch to reach by gradient accumulation: --grad-accum = N / (batch x processes)",
         "adversarial": "the adversarial variant (docs/method.md 5.2): discriminator heads on the frozen teacher",
         "adv_weight": "weight of the generator (hinge) term in the student's loss; reference 0.1",
@@ -206,8 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=h)
         elif name == "validation_prompts":
             p.add_argument(flag, "--validation-prompt", dest=name, action="append", help=h)
+        elif name == "clip":
+            p.add_argument(flag, dest=name, action="append", help=h)
+        elif name == "flux_guidance_range":
+            p.add_argument(flag, dest=name, type=float, nargs=2, metavar=("LO", "HI"), help=h)
         else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             choices = {"method": METHODS, "loss": LOSSES, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                        "base_dtype": BASE_DTYPES}.get(name)
             p.add_argument(flag, dest=name, type=kind, choices=choices, help=h)

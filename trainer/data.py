@@ -1,6 +1,10 @@
 """Training data: captioned images from a folder (``x.png`` + ``x.txt``) or a ``.jsonl`` of
-``{"path", "caption"}``; centre-crop/resize with kornia; optional on-disk cache of latents and text
-embeddings.
+``{"path", "caption"}``; each image's shorter side is resized to the training resolution (kornia) and
+encoded to its VAE posterior (mean, log-variance), which an optional on-disk cache keeps with the text
+embeddings. Every sample then takes a square crop of that posterior in latent space - random by default,
+the centre with ``--center-crop`` - and draws a fresh latent from it; the crop and the draw are seeded
+by (seed, global sample index) like every other draw (:func:`trainer.algorithm.sample_generator`). The
+crop's pixel offsets and the image's original size are SDXL's size conditioning.
 
 Order is a pure function of (seed, global sample counter): :func:`global_order` maps the counter to
 a dataset index through a seeded per-epoch permutation, so every process computes the same global
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .algorithm import sample_generator
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -32,6 +38,7 @@ class DataError(ValueError):
 class Item:
     path: str
     caption: str
+    size: tuple[int, int] = (0, 0)  # (height, width) in pixels, as read at scan time
 
 
 def _scan_folder(root: Path) -> list[Item]:
@@ -93,8 +100,7 @@ def scan(data) -> tuple[list[Item], list[str]]:
     for it in items:
         try:
             with Image.open(it.path) as im:
-                im.size  # noqa: B018 - header parsed
-            good.append(it)
+                good.append(Item(it.path, it.caption, (im.height, im.width)))
         except (OSError, ValueError, Image.DecompressionBombError):
             bad.append(it.path)
     if bad:
@@ -105,8 +111,10 @@ def scan(data) -> tuple[list[Item], list[str]]:
     return good, bad
 
 
-def load_image(path: str, resolution: int) -> torch.Tensor:
-    """[3, R, R] in [0, 1]: shorter side resized to R (antialiased), then centre-cropped (kornia)."""
+def load_image(path: str, resolution: int, multiple: int = 8) -> torch.Tensor:
+    """[3, R, W'] (or [3, H', R]) in [0, 1]: shorter side resized to R (antialiased, kornia), the longer side
+    trimmed at its end to a multiple of ``multiple`` (the VAE's pixels per latent cell). Not cropped square:
+    the crop is taken per sample in latent space (:meth:`TrainData.fetch`)."""
     import kornia
     from PIL import Image
 
@@ -117,8 +125,18 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if min(h, w) != resolution:
         x = kornia.geometry.transform.resize(x, resolution, side="short", antialias=True)
-    x = kornia.geometry.transform.center_crop(x, (resolution, resolution))
-    return x[0].clamp(0, 1)
+    h, w = x.shape[-2:]
+    return x[0, :, :h // multiple * multiple, :w // multiple * multiple].clamp(0, 1)
+
+
+def crop_offsets(latent_hw: tuple[int, int], size: int, gen: torch.Generator | None) -> tuple[int, int]:
+    """(top, left) of a ``size`` x ``size`` crop of a ``latent_hw`` latent: uniform with ``gen``, centred without."""
+    h, w = latent_hw
+    if gen is None:
+        return (h - size) // 2, (w - size) // 2
+    top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+    return top, left
 
 
 def dataset_id(items: list[Item]) -> str:
@@ -139,8 +157,15 @@ class TrainData:
     """Items + encoding (VAE/CLIP through the teacher) + optional cache; yields x0 latents and text states."""
 
     def __init__(self, items: list[Item], teacher, resolution: int, cache_dir: str | None = None,
-                 num_workers: int = 2, skipped: int = 0):
+                 num_workers: int = 2, skipped: int = 0, seed: int = 0, center_crop: bool = False):
+        small = [it for it in items if 0 < min(it.size) < resolution]
+        if small:
+            h, w = small[0].size
+            raise DataError(f"{len(small)} training image(s) are smaller than the {resolution}x{resolution} crop, e.g. "
+                            f"{small[0].path} ({w}x{h}): train at a --resolution of at most "
+                            f"{min(min(it.size) for it in small) // 8 * 8}, or upscale or remove those images")
         self.items, self.teacher, self.resolution = items, teacher, resolution
+        self.seed, self.center_crop = seed, center_crop
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.skipped = skipped
         self.bad: set[int] = set()
@@ -154,12 +179,12 @@ class TrainData:
     def _cache_path(self, i: int) -> Path:
         it = self.items[i]
         st = os.stat(it.path)
-        key = f"{self.teacher.fingerprint}|{self.resolution}|{os.path.abspath(it.path)}|{st.st_mtime_ns}|{st.st_size}|{it.caption}"
+        key = f"posterior|{self.teacher.fingerprint}|{self.resolution}|{os.path.abspath(it.path)}|{st.st_mtime_ns}|{st.st_size}|{it.caption}"
         return self.cache_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
 
     def _pixels(self, i: int) -> torch.Tensor | None:
         try:
-            return load_image(self.items[i].path, self.resolution)
+            return load_image(self.items[i].path, self.resolution, self.teacher.latent_factor)
         except (OSError, ValueError, SyntaxError) as e:
             if i not in self.bad:
                 self.bad.add(i)
@@ -176,9 +201,27 @@ class TrainData:
             return j
         raise DataError("no decodable training images left")
 
-    def fetch(self, indices: list[int]):
-        """-> (x0 [B, C, h, w], context [B, L, D], pooled [B, P] | None) for dataset ``indices``."""
-        out: dict[int, tuple] = {}
+    def _encode(self, ok: list[int], pixels: dict) -> dict[int, dict]:
+        """Posterior + text records of decoded items ``ok`` (images of one shape encode as one batch)."""
+        recs = {}
+        ctx, pooled = self.teacher.encode_text([self.items[j].caption for j in ok])
+        by_shape: dict[tuple, list[int]] = {}
+        for j in ok:
+            by_shape.setdefault(tuple(pixels[j].shape), []).append(j)
+        for group in by_shape.values():
+            mean, logvar = self.teacher.encode_posterior(torch.stack([pixels[j] for j in group]))
+            for n, j in enumerate(group):
+                recs[j] = {"mean": mean[n], "logvar": logvar[n], "size": torch.tensor(self.items[j].size)}
+        for n, j in enumerate(ok):
+            recs[j]["context"] = ctx[n]
+            if pooled is not None:
+                recs[j]["pooled"] = pooled[n]
+        return recs
+
+    def records(self, indices: list[int]) -> dict[int, dict]:
+        """Dataset index -> its record (from the cache, or encoded now and cached); undecodable images are
+        replaced by the next decodable one, the same way in every process."""
+        out: dict[int, dict] = {}
         todo = list(indices)
         while todo:
             idx = [self._resolve(i) for i in todo]
@@ -194,12 +237,7 @@ class TrainData:
             pixels = dict(zip(need, mapper(self._pixels, need)))
             ok = [j for j in need if pixels[j] is not None]
             if ok:
-                lat = self.teacher.encode_images(torch.stack([pixels[j] for j in ok]))
-                ctx, pooled = self.teacher.encode_text([self.items[j].caption for j in ok])
-                for n, j in enumerate(ok):
-                    rec = {"latent": lat[n], "context": ctx[n]}
-                    if pooled is not None:
-                        rec["pooled"] = pooled[n]
+                for j, rec in self._encode(ok, pixels).items():
                     cached[j] = rec
                     if self.cache_dir:
                         from .lora_format import atomic_save_safetensors
@@ -211,9 +249,29 @@ class TrainData:
                 else:
                     nxt.append(i)  # undecodable now: resolve again (skips it)
             todo = nxt
-        recs = [out[i] for i in indices]
-        pooled = torch.stack([r["pooled"] for r in recs]) if "pooled" in recs[0] else None
-        return torch.stack([r["latent"] for r in recs]), torch.stack([r["context"] for r in recs]), pooled
+        return out
+
+    def fetch(self, indices: list[int], global_indices: list[int]):
+        """-> (x0 [B, C, r, r], context [B, L, D], pooled [B, P] | None, geometry) for dataset ``indices``
+        seen as global samples ``global_indices``: each sample's crop of its posterior and its latent draw
+        come from ``sample_generator(seed, global index, "data")``. ``geometry``: per sample
+        ``(original_h, original_w, crop_top, crop_left)`` in pixels (SDXL's size conditioning)."""
+        recs = self.records(indices)
+        f = self.teacher.latent_factor
+        size = self.resolution // f
+        latents, geometry = [], []
+        for i, g in zip(indices, global_indices):
+            rec = recs[i]
+            gen = sample_generator(self.seed, g, "data")
+            top, left = crop_offsets(tuple(rec["mean"].shape[-2:]), size, None if self.center_crop else gen)
+            mean = rec["mean"][:, top:top + size, left:left + size]
+            std = torch.exp(0.5 * rec["logvar"][:, top:top + size, left:left + size])
+            latents.append(mean + std * torch.randn(mean.shape, generator=gen))
+            oh, ow = (int(v) for v in rec["size"])
+            geometry.append((oh, ow, top * f, left * f))
+        x0 = self.teacher.latent_in(torch.stack(latents))
+        pooled = torch.stack([recs[i]["pooled"] for i in indices]) if "pooled" in recs[indices[0]] else None
+        return x0, torch.stack([recs[i]["context"] for i in indices]), pooled, geometry
 
     def precompute(self, rank: int = 0, world: int = 1, batch: int = 8) -> None:
         """Fill the cache (each process a strided share); undecodable images are found and counted here."""
@@ -222,4 +280,4 @@ class TrainData:
             chunk = mine[k:k + batch]
             if all(self._cache_path(i).is_file() for i in chunk):
                 continue
-            self.fetch(chunk)
+            self.records(chunk)

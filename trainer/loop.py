@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import adversarial, checkpoint, data, guards, models
-from .algorithm import (Cond, DiscreteSchedule, StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
+from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
 from .fileio import atomic_path
@@ -171,14 +171,11 @@ class _Log:
 
 def _as_teacher(components, cfg, dtype, device) -> models.Teacher:
     if components is None:
-        return models.load_teacher(cfg.teacher, dtype=dtype, device=str(device))
+        return models.load_teacher(cfg.teacher, dtype=dtype, device=str(device), unet=cfg.unet, clip=cfg.clip,
+                                   vae=cfg.vae)
     if isinstance(components, models.Teacher):
         return components
     return models.from_components(*components[:3])
-
-
-def _expand(c: Cond, n: int) -> Cond:
-    return Cond(c.context.expand(n, *c.context.shape[1:]), None if c.y is None else c.y.expand(n, *c.y.shape[1:]))
 
 
 def train(cfg: TrainConfig, components=None) -> dict:
@@ -216,6 +213,7 @@ class Run:
         self.precision, self.base_dtype = resolve_precision(cfg, self.device)
         self.items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
         self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
+        cfg.apply_family_defaults(teacher.arch)  # unset loss/lr/... take the family's defaults (FLUX: §5.1)
         warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
         if warning and self.main:
             log.warning("%s", warning)
@@ -227,7 +225,7 @@ class Run:
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
-                                   skipped=len(bad))
+                                   skipped=len(bad), seed=cfg.seed, center_crop=cfg.center_crop)
         if self.main:
             log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
                      teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution, len(bad),
@@ -249,11 +247,9 @@ class Run:
         self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint)
         self.fp = fingerprint(self.fields)
         self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
-        self.dsched = DiscreteSchedule(teacher.sigmas)
+        self.dsched = teacher.schedule(cfg)  # the family's noise levels and teacher step
         self.step_cfg = StepConfig(cfg.method, cfg.teacher_guidance, cfg.loss, cfg.huber_c)
-        ctx_e, pooled_e = teacher.encode_text([""])
-        self.empty_cond = teacher.make_cond(ctx_e, pooled_e, self.resolution, self.resolution)
-        self.uncond = teacher.uncond(ctx_e, pooled_e, self.resolution, self.resolution)
+        self.empty_text = teacher.encode_text([""])
         self.autocast = (torch.autocast(self.device.type, dtype=DTYPES[self.precision]) if self.precision != "fp32"
                          else torch.autocast(self.device.type, enabled=False))
         self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
@@ -298,13 +294,17 @@ class Run:
         cfg, ddp = self.cfg, self.ddp
         base = self.step * cfg.global_batch + (micro * ddp.world + ddp.rank) * cfg.batch_size
         gidx = list(range(base, base + cfg.batch_size))
-        x0, ctx, pooled = self.data.fetch([data.global_order(cfg.seed, g, len(self.items)) for g in gidx])
+        x0, ctx, pooled, geometry = self.data.fetch([data.global_order(cfg.seed, g, len(self.items)) for g in gidx],
+                                                    gidx)
         self.latent_shape = tuple(x0.shape[1:])
         draws = draw_batch(self.sampler, cfg.seed, gidx, self.latent_shape, cfg.empty_prompt_prob)
-        cond = self.teacher.make_cond(ctx, pooled, self.resolution, self.resolution).where(draws.empty,
-                                                                                         self.empty_cond)
-        args = (self._student, self._frozen_teacher, x0.to(self.device), cond, _expand(self.uncond, len(gidx)), draws,
-                self.dsched, self.step_cfg)
+        res, n = self.resolution, len(gidx)
+        ctx_e, pooled_e = (None if v is None else v.expand(n, *v.shape[1:]) for v in self.empty_text)
+        cond = self.teacher.make_cond(ctx, pooled, res, res, geometry).where(
+            draws.empty, self.teacher.make_cond(ctx_e, pooled_e, res, res, geometry))
+        uncond = self.teacher.uncond(ctx_e, pooled_e, res, res, geometry)
+        args = (self._student, self._frozen_teacher, x0.to(self.device), cond, uncond, draws, self.dsched,
+                self.step_cfg)
         with self.autocast:
             loss = compute_loss(*args) if self.disc is None else self._adversarial_loss(args, gidx)
         self.scaler.scale(loss / cfg.grad_accum).backward()
@@ -399,7 +399,8 @@ class Run:
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {})})
-        atomic_save_safetensors(self.network.kohya_state_dict(DTYPES[cfg.save_dtype]), self.out_path, meta)
+        atomic_save_safetensors(teacher.lora_file_keys(self.network.kohya_state_dict(DTYPES[cfg.save_dtype])),
+                                self.out_path, meta)
         log.info("wrote %s (%d LoRA modules, %d steps)", self.out_path, len(self.network.prefixes), self.step)
 
     # ---- the loop ----------------------------------------------------------------------------

@@ -23,6 +23,23 @@ class _Weight(nn.Module):
         self.weight = nn.Parameter(torch.zeros(shape))
 
 
+class OutputSlice:
+    """A LoRA target that owns ``size`` outputs from ``start`` of a fused Linear (ComfyUI fuses FLUX's
+    q/k/v into one ``qkv`` / ``linear1`` layer; the LoRAs for q, k and v each act on their slice)."""
+
+    def __init__(self, base: nn.Linear, start: int, size: int):
+        if not isinstance(base, nn.Linear) or start < 0 or start + size > base.out_features:
+            raise ValueError(f"bad output slice [{start}, {start + size}) of {base}")
+        self.base, self.start, self.size = base, int(start), int(size)
+        self.in_features, self.out_features = base.in_features, self.size
+        self.pad = (self.start, base.out_features - self.start - self.size)  # F.pad of the last dim
+
+
+def base_module(target) -> nn.Module:
+    """The layer a target's hook goes on (the fused layer for an :class:`OutputSlice`)."""
+    return target.base if isinstance(target, OutputSlice) else target
+
+
 class LoRAAdapter(nn.Module):
     """``lora_down`` / ``lora_up`` / ``alpha`` for one base layer (Linear, or Conv2d with the base's
     geometry): its ``state_dict`` is the file format's keys of that module."""
@@ -37,8 +54,9 @@ class LoRAAdapter(nn.Module):
             self.conv_args = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
             self.lora_down = _Weight(rank, base.in_channels, *base.kernel_size)
             self.lora_up = _Weight(base.out_channels, rank, 1, 1)
-        elif isinstance(base, nn.Linear):
+        elif isinstance(base, (nn.Linear, OutputSlice)):
             self.kind = "linear"
+            self.out_pad = base.pad if isinstance(base, OutputSlice) else None
             self.lora_down = _Weight(rank, base.in_features)
             self.lora_up = _Weight(base.out_features, rank)
         else:
@@ -65,7 +83,8 @@ class LoRAAdapter(nn.Module):
         x = x.to(self.down.dtype) if not torch.is_autocast_enabled(x.device.type) else x
         if self.kind == "conv":
             return F.conv2d(F.conv2d(x, self.down, **self.conv_args), self.up) * self.scale
-        return F.linear(F.linear(x, self.down), self.up) * self.scale
+        out = F.linear(F.linear(x, self.down), self.up) * self.scale
+        return out if self.out_pad is None else F.pad(out, self.out_pad)  # zeros outside its slice
 
 
 class LoRANetwork(nn.Module):
@@ -100,7 +119,7 @@ class LoRANetwork(nn.Module):
         if self._handles:
             return self
         for prefix, adapter in self.adapters():
-            self._handles.append(self._targets[prefix].register_forward_hook(self._make_hook(adapter)))
+            self._handles.append(base_module(self._targets[prefix]).register_forward_hook(self._make_hook(adapter)))
         return self
 
     def detach_hooks(self) -> None:

@@ -25,13 +25,15 @@ TDD_METADATA_TYPES = {
 }
 TDD_FORMAT_VERSION = "1"
 
-#: Inference settings recommended per training method (spec section 2; LCM samples with eta=1, w=1).
+#: Inference settings recommended per training method (docs/method.md §2; LCM samples with eta=1, w=1).
 RECOMMENDED = {"tdd": (0.2, 1.7), "tcd": (0.3, 1.7), "lcm": (1.0, 1.0)}
 
 
-def recommended_settings(method: str, kmin: int, kmax: int) -> dict:
+def recommended_settings(method: str, kmin: int, kmax: int, base_arch: str = "") -> dict:
     eta, guidance = RECOMMENDED[method]
     steps = 4 if kmin <= 4 <= kmax else kmin
+    if base_arch == "flux":  # FLUX.1-dev TDD: 8 steps at FLUX guidance 2.0, one pass per step (docs/method.md §2)
+        steps, guidance = (8 if kmin <= 8 <= kmax else kmax), 2.0
     return {"tdd_recommended_steps": steps, "tdd_recommended_eta": eta, "tdd_recommended_guidance": guidance}
 
 
@@ -45,7 +47,7 @@ def build_metadata(*, base_arch: str, method: str, kmin: int, kmax: int, trainin
         "tdd_kmin": kmin,
         "tdd_kmax": kmax,
         "tdd_training_steps": training_steps,
-        **recommended_settings(method, kmin, kmax),
+        **recommended_settings(method, kmin, kmax, base_arch),
         # kohya-compatible fields other tools read
         "ss_network_module": "networks.lora",
         "ss_network_dim": rank,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdd_core import VarianceExploding, default_noise_sampler, sample_tdd, tdd_timesteps
+from tdd_core import default_noise_sampler, sample_tdd, tdd_timesteps
 
 from .fileio import atomic_path
 
@@ -16,15 +16,15 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def sample_images(teacher, cond, shape, steps: int, seed: int, eta: float = 0.2) -> torch.Tensor:
-    """Images [B, H, W, 3] from the (LoRA-on) model with ``steps`` TDD steps, guidance 1."""
+    """Images [B, H, W, 3] from the (LoRA-on) model with ``steps`` TDD steps, guidance 1, in the
+    teacher's own sampling space (variance exploding for SD, flow matching for FLUX)."""
     sigma_table = teacher.sigmas
     sigmas = torch.cat([sigma_table[tdd_timesteps(steps)], sigma_table.new_zeros(1)]).to(teacher.device)
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(shape, generator=gen).to(teacher.device)
-    x = noise * (1.0 + sigmas[0] ** 2).sqrt()  # ComfyUI's full-denoise noise scaling for eps/v models
+    x = teacher.start_latent(noise, sigmas[0])  # ComfyUI's full-denoise noise scaling
     x0 = sample_tdd(teacher.denoiser(cond), x, sigmas, eta=eta, disable=True,
-                    noise_sampler=default_noise_sampler(x, seed=int(seed) + 1),
-                    space=VarianceExploding(sigma_table.to(teacher.device)))
+                    noise_sampler=default_noise_sampler(x, seed=int(seed) + 1), space=teacher.space())
     return teacher.decode(x0)
 
 
