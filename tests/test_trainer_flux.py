@@ -259,6 +259,28 @@ def test_stock_and_tdd_lora_loaders_apply_the_stored_alpha(flux, tmp_path):
     assert "PEFT/diffusers keys with stored alpha" in info and "without alpha" not in info and "base_arch=flux" in info
 
 
+def test_diffusers_flux_transformer_has_every_module_of_the_file(flux, tmp_path):
+    """diffusers-style loaders: every ``transformer.<module>`` of a written file names a Linear of
+    diffusers' own FLUX transformer (same reduced config), with lora_A [rank, in] and lora_B [out, rank]."""
+    from diffusers import FluxTransformer2DModel
+
+    path = tmp_path / "l.safetensors"
+    _trained_like_lora(from_components(*flux), path)
+    lora = tensors(path)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4 * 16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=ff.WIDTH // ff.HEADS, num_attention_heads=ff.HEADS,
+                                   joint_attention_dim=ff.TEXT_DIM, pooled_projection_dim=ff.TEXT_DIM,
+                                   guidance_embeds=True, axes_dims_rope=tuple(ff.AXES))
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    modules = {k[len("transformer."):].rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in lora}
+    assert len(modules) == 21 and modules <= set(linears)
+    for name in modules:
+        linear = linears[name]
+        assert lora[f"transformer.{name}.lora_A.weight"].shape == (4, linear.in_features)
+        assert lora[f"transformer.{name}.lora_B.weight"].shape == (linear.out_features, 4)
+        assert float(lora[f"transformer.{name}.alpha"]) == 2.0
+
+
 def test_sampling_with_the_lora_differs(flux, tmp_path):
     from trainer.validation import sample_images
 
