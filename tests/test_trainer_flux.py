@@ -299,6 +299,19 @@ def test_sampling_with_the_lora_differs(flux, tmp_path):
     assert float((on - off).abs().max()) > 1e-3
 
 
+def test_flux_guidance_setting_reaches_the_transformer(flux):
+    teacher = from_components(*flux)
+    ctx, pooled = teacher.encode_text(["a red square"])
+    x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for g in (1.5, 3.0):
+        teacher.schedule(TrainConfig(flux_guidance=g))                 # what a run does with --flux-guidance
+        cond = teacher.make_cond(ctx, pooled, 32, 32)
+        assert cond.guidance.tolist() == [g]
+        outs.append(teacher.x0(x, torch.tensor([500]), cond))
+    assert float((outs[0] - outs[1]).abs().max()) > 1e-4                # the guidance embedding sees it
+
+
 def test_latents_use_the_vaes_scale_and_shift(flux):
     teacher = from_components(*flux)
     px = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
