@@ -115,6 +115,29 @@ def test_torchrun_two_gloo_processes_match_one(images, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_two_nodes_over_a_loopback_rendezvous_match_one_process(images, tmp_path):
+    """Multi-node as torchrun runs it: 2 "nodes" (separate torchrun launchers, node_rank 0 and 1,
+    one process each) meeting at a c10d rendezvous on 127.0.0.1 == 1 process at the same global batch.
+    Only global rank 0 writes (both nodes get the same --out/--run-dir, as on a shared filesystem)."""
+    from harness import free_port
+
+    args = fx.tiny_args(images, tmp_path / "nodes", "--max-steps", "3", "--batch-size", "1", "--save-every", "3")
+    endpoint = f"127.0.0.1:{free_port()}"
+    launchers = [subprocess.Popen(
+        [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "tdd-test",
+         str(REPO / "trainer" / "distill.py"), *args],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for node in (0, 1)]
+    errs = [p.communicate(timeout=300)[1] for p in launchers]
+    for p, err in zip(launchers, errs):
+        assert p.returncode == 0, err[-3000:]
+    assert any("2 process(es)" in err for err in errs)
+    single = train(cfg(images, tmp_path / "one", max_steps=3, batch_size=2, save_every=3), components=fx.tiny_sd15(0))
+    node_losses = [float(r["loss"]) for r in read_log(tmp_path / "nodes" / "run")]
+    assert torch.allclose(torch.tensor(node_losses), torch.tensor(single["losses"]), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_cleanly(images, tmp_path, tiny):
     args = fx.tiny_args(images, tmp_path, "--max-steps", "10000", "--save-every", "10000", "--batch-size", "1")
     p = subprocess.Popen([PY, str(REPO / "trainer" / "distill.py"), *args], env=_env(), stderr=subprocess.PIPE,
