@@ -11,11 +11,11 @@ import math
 #: Measured with bench/lora_movement.py on the demo model (committed teacher weights, rank 16 / alpha 2,
 #: batch 4, 64 px, 4-step TDD output vs the teacher's, mean |pixel change| in [0, 1]):
 #:   lr 1e-5 x 40 samples (4e-4): mean change 0.00004 (max 0.003);
-#:   lr 1e-4 x 40 samples (4e-3): mean change 0.00039 (max 0.027).
-#: The change grows linearly with lr x samples (about 0.1 x it); a mean change of 0.01 (2.5 grey levels of
-#: 255, where a difference starts to show) is reached at about 0.1. The runs above 4e-3 did not finish on
-#: the shared CPU (about 200 s per 10 steps there), so 0.1 is an extrapolation of that line: rerun the bench
-#: with ``--runs 1e-3:10 1e-2:10 1e-2:40`` to confirm it.
+#:   lr 1e-4 x 40 samples (4e-3): mean change 0.00039 (max 0.027);
+#:   lr 1e-3 x 40 samples (4e-2): mean change 0.0044 (max 0.24).
+#: The change grows linearly with lr x samples (about 0.1 x it) over those two decades; a mean change of
+#: 0.01 (2.5 grey levels of 255, where a difference starts to show) is reached at about 0.1. (lr 1e-2 at
+#: batch 4 is unstable - mean change 0.74 after 10 steps - so larger products say nothing about the rule.)
 MIN_LR_SAMPLES = 0.1
 
 
