@@ -90,13 +90,12 @@ def main(argv=None):
         log.error("'%s' reaches only %.4f < --min-accuracy %.2f on held-out images: not saved; train longer "
                   "(--steps) or with more images", worst, acc[worst], args.min_accuracy)
         return 1
-    import safetensors.torch
+    from trainer.lora_format import atomic_save_safetensors
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     meta = {"heldout_accuracy": json.dumps(acc), "heldout_images": str(args.heldout_images), "seed": str(args.seed),
             "steps": str(args.steps), "minutes": f"{(time.monotonic() - t0) / 60:.1f}"}
-    safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, args.out + ".tmp", metadata=meta)
-    os.replace(args.out + ".tmp", args.out)
+    atomic_save_safetensors(net.state_dict(), args.out, metadata=meta)
     log.info("saved %s (%s)", args.out, meta)
     return 0
 
