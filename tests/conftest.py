@@ -84,3 +84,20 @@ def trainer_host(host):
     import trainer_fixtures
 
     trainer_fixtures.ensure_host("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(trainer_host):
+    """A tiny SD1.5-class teacher (host classes, seed 0) for the trainer tests, fresh per module."""
+    import trainer_fixtures
+
+    return trainer_fixtures.tiny_sd15(0)
+
+
+@pytest.fixture(scope="module")
+def train_images(tmp_path_factory):
+    """Four captioned training images for the trainer tests."""
+    import trainer_fixtures
+
+    return trainer_fixtures.make_images(tmp_path_factory.mktemp("train_images"), 4)
+

@@ -23,24 +23,14 @@ REPO = fx.REPO
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return fx.tiny_sd15(0)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return fx.make_images(tmp_path_factory.mktemp("data"), 4)
-
-
 cfg, read_log, lora_tensors, _env = fx.train_config, fx.read_log, fx.lora_tensors, fx.subprocess_env
 
 
-def test_cli_end_to_end(images, tmp_path):
+def test_cli_end_to_end(train_images, tmp_path):
     """distill.py flags -> a kohya LoRA with tdd_ metadata, CSV log, validation grid, checkpoint."""
     import comfy.lora
 
-    rc = main(fx.tiny_args(images, tmp_path, "--validate-every", "2", "--method", "tdd", "--kmin", "4", "--kmax", "6"))
+    rc = main(fx.tiny_args(train_images, tmp_path, "--validate-every", "2", "--method", "tdd", "--kmin", "4", "--kmax", "6"))
     assert rc == 0
     out = tmp_path / "lora.safetensors"
     meta = read_tdd_metadata(out)
@@ -63,21 +53,21 @@ def test_cli_end_to_end(images, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["tcd", "lcm"])
-def test_other_methods_train(tiny, images, tmp_path, method):
-    r = train(cfg(images, tmp_path, method=method, max_steps=1), components=tiny)
+def test_other_methods_train(tiny_sd15, train_images, tmp_path, method):
+    r = train(cfg(train_images, tmp_path, method=method, max_steps=1), components=tiny_sd15)
     assert r["status"] == "done" and all(0 < x < 10 for x in r["losses"])
     assert read_tdd_metadata(r["out"])["tdd_method"] == method
 
 
-def test_resume_continues_exactly(tiny, images, tmp_path):
+def test_resume_continues_exactly(tiny_sd15, train_images, tmp_path):
     """2N steps straight == N steps, then --resume for N more (weights and loss curve)."""
-    straight = train(cfg(images, tmp_path / "a", max_steps=4, save_every=2, grad_accum=2, batch_size=1,
-                         lr_schedule="warmup", warmup_steps=3), components=tiny)
-    first = train(cfg(images, tmp_path / "b", max_steps=2, save_every=2, grad_accum=2, batch_size=1,
-                      lr_schedule="warmup", warmup_steps=3), components=tiny)
-    second = train(cfg(images, tmp_path / "b", max_steps=4, save_every=2, grad_accum=2, batch_size=1,
+    straight = train(cfg(train_images, tmp_path / "a", max_steps=4, save_every=2, grad_accum=2, batch_size=1,
+                         lr_schedule="warmup", warmup_steps=3), components=tiny_sd15)
+    first = train(cfg(train_images, tmp_path / "b", max_steps=2, save_every=2, grad_accum=2, batch_size=1,
+                      lr_schedule="warmup", warmup_steps=3), components=tiny_sd15)
+    second = train(cfg(train_images, tmp_path / "b", max_steps=4, save_every=2, grad_accum=2, batch_size=1,
                        lr_schedule="warmup", warmup_steps=3, resume=str(tmp_path / "b" / "run" / "checkpoint-000002")),
-                   components=tiny)
+                   components=tiny_sd15)
     assert first["step"] == 2 and second["step"] == 4
     assert torch.allclose(torch.tensor(first["losses"] + second["losses"]), torch.tensor(straight["losses"]), rtol=1e-5)
     a = lora_tensors(tmp_path / "a" / "run" / "checkpoint-000004" / "lora.safetensors")
@@ -88,21 +78,21 @@ def test_resume_continues_exactly(tiny, images, tmp_path):
     assert [int(r["step"]) for r in read_log(tmp_path / "b" / "run")] == [1, 2, 3, 4]
 
 
-def test_grad_accumulation_matches_bigger_batch(tiny, images, tmp_path):
-    big = train(cfg(images, tmp_path / "a", batch_size=2, grad_accum=1), components=tiny)
-    acc = train(cfg(images, tmp_path / "b", batch_size=1, grad_accum=2, num_workers=2), components=tiny)
+def test_grad_accumulation_matches_bigger_batch(tiny_sd15, train_images, tmp_path):
+    big = train(cfg(train_images, tmp_path / "a", batch_size=2, grad_accum=1), components=tiny_sd15)
+    acc = train(cfg(train_images, tmp_path / "b", batch_size=1, grad_accum=2, num_workers=2), components=tiny_sd15)
     assert torch.allclose(torch.tensor(big["losses"]), torch.tensor(acc["losses"]), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_match_one(images, tmp_path):
+def test_torchrun_two_gloo_processes_match_one(train_images, tmp_path):
     """2 CPU processes (gloo) with batch 1 each == 1 process with batch 2: same loss curve and weights."""
-    args = fx.tiny_args(images, tmp_path / "ddp", "--max-steps", "3", "--batch-size", "1", "--save-every", "3")
+    args = fx.tiny_args(train_images, tmp_path / "ddp", "--max-steps", "3", "--batch-size", "1", "--save-every", "3")
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "trainer" / "distill.py"), *args]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stderr
-    single = train(cfg(images, tmp_path / "one", max_steps=3, batch_size=2, save_every=3), components=fx.tiny_sd15(0))
+    single = train(cfg(train_images, tmp_path / "one", max_steps=3, batch_size=2, save_every=3), components=fx.tiny_sd15(0))
     ddp_losses = [float(r["loss"]) for r in read_log(tmp_path / "ddp" / "run")]
     assert torch.allclose(torch.tensor(ddp_losses), torch.tensor(single["losses"]), rtol=1e-3, atol=1e-6)
     a = lora_tensors(tmp_path / "ddp" / "run" / "checkpoint-000003" / "lora.safetensors")
@@ -115,13 +105,13 @@ def test_torchrun_two_gloo_processes_match_one(images, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_over_a_loopback_rendezvous_match_one_process(images, tmp_path):
+def test_torchrun_two_nodes_over_a_loopback_rendezvous_match_one_process(train_images, tmp_path):
     """Multi-node as torchrun runs it: 2 "nodes" (separate torchrun launchers, node_rank 0 and 1,
     one process each) meeting at a c10d rendezvous on 127.0.0.1 == 1 process at the same global batch.
     Only global rank 0 writes (both nodes get the same --out/--run-dir, as on a shared filesystem)."""
     from harness import free_port
 
-    args = fx.tiny_args(images, tmp_path / "nodes", "--max-steps", "3", "--batch-size", "1", "--save-every", "3")
+    args = fx.tiny_args(train_images, tmp_path / "nodes", "--max-steps", "3", "--batch-size", "1", "--save-every", "3")
     endpoint = f"127.0.0.1:{free_port()}"
     launchers = [subprocess.Popen(
         [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
@@ -132,14 +122,14 @@ def test_torchrun_two_nodes_over_a_loopback_rendezvous_match_one_process(images,
     for p, err in zip(launchers, errs):
         assert p.returncode == 0, err[-3000:]
     assert any("2 process(es)" in err for err in errs)
-    single = train(cfg(images, tmp_path / "one", max_steps=3, batch_size=2, save_every=3), components=fx.tiny_sd15(0))
+    single = train(cfg(train_images, tmp_path / "one", max_steps=3, batch_size=2, save_every=3), components=fx.tiny_sd15(0))
     node_losses = [float(r["loss"]) for r in read_log(tmp_path / "nodes" / "run")]
     assert torch.allclose(torch.tensor(node_losses), torch.tensor(single["losses"]), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_sigterm_saves_checkpoint_and_exits_cleanly(images, tmp_path, tiny):
-    args = fx.tiny_args(images, tmp_path, "--max-steps", "10000", "--save-every", "10000", "--batch-size", "1")
+def test_sigterm_saves_checkpoint_and_exits_cleanly(train_images, tmp_path, tiny_sd15):
+    args = fx.tiny_args(train_images, tmp_path, "--max-steps", "10000", "--save-every", "10000", "--batch-size", "1")
     p = subprocess.Popen([PY, str(REPO / "trainer" / "distill.py"), *args], env=_env(), stderr=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
     log_csv = tmp_path / "run" / "log.csv"
@@ -157,13 +147,13 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(images, tmp_path, tiny):
     step = int(ckpt.name.split("-")[1])
     assert step >= 2 and not (tmp_path / "lora.safetensors").exists()  # no partial final LoRA
     assert not list((tmp_path / "run").glob(".checkpoint-*"))  # nothing half-written left
-    r = train(cfg(images, tmp_path, max_steps=step + 1, batch_size=1, save_every=10000,
-                  resume=str(tmp_path / "run")), components=tiny)
+    r = train(cfg(train_images, tmp_path, max_steps=step + 1, batch_size=1, save_every=10000,
+                  resume=str(tmp_path / "run")), components=tiny_sd15)
     assert r["status"] == "done" and r["step"] == step + 1 and len(r["losses"]) == 1
     assert [int(x["step"]) for x in read_log(tmp_path / "run")] == list(range(1, step + 2))  # no duplicate rows
 
 
-def test_jsonl_cache_and_undecodable_images(tiny, tmp_path):
+def test_jsonl_cache_and_undecodable_images(tiny_sd15, tmp_path):
     jsonl = fx.make_images(tmp_path / "d", 4, jsonl=True)
     (tmp_path / "d" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     good = (tmp_path / "d" / "img_000.png").read_bytes()
@@ -171,7 +161,7 @@ def test_jsonl_cache_and_undecodable_images(tiny, tmp_path):
     with open(jsonl, "a") as f:
         f.write('{"path": "broken.png", "caption": "x"}\n{"path": "truncated.png", "caption": "y"}\n')
     cache = tmp_path / "cache"
-    r = train(cfg(jsonl, tmp_path, cache_dir=str(cache), max_steps=2), components=tiny)
+    r = train(cfg(jsonl, tmp_path, cache_dir=str(cache), max_steps=2), components=tiny_sd15)
     assert r["status"] == "done" and r["skipped_images"] == 2
     assert len(list(cache.glob("*.safetensors"))) == 4
     # a second run reads the cache instead of re-encoding
@@ -180,16 +170,16 @@ def test_jsonl_cache_and_undecodable_images(tiny, tmp_path):
     orig = Teacher.encode_posterior
     Teacher.encode_posterior = lambda self, px: (calls.append(1), orig(self, px))[1]
     try:
-        r2 = train(cfg(jsonl, tmp_path / "again", cache_dir=str(cache), max_steps=1), components=tiny)
+        r2 = train(cfg(jsonl, tmp_path / "again", cache_dir=str(cache), max_steps=1), components=tiny_sd15)
     finally:
         Teacher.encode_posterior = orig
     assert r2["status"] == "done" and calls == []
 
 
 @pytest.mark.parametrize("factory", ["tiny_sd2v", "tiny_sdxl"])
-def test_v_prediction_and_sdxl_teachers(images, tmp_path, factory):
+def test_v_prediction_and_sdxl_teachers(train_images, tmp_path, factory):
     comps = getattr(fx, factory)()
-    r = train(cfg(images, tmp_path, max_steps=1), components=comps)
+    r = train(cfg(train_images, tmp_path, max_steps=1), components=comps)
     assert r["status"] == "done" and 0 < r["losses"][0] < 10
     arch = {"tiny_sd2v": "sd2x", "tiny_sdxl": "sdxl"}[factory]
     assert read_tdd_metadata(r["out"])["tdd_base_arch"] == arch
@@ -211,9 +201,9 @@ def test_seam_converts_v_prediction_to_x0():
     assert torch.allclose(x0, a * z - s * v, atol=1e-4)
 
 
-def test_gradient_checkpointing_gives_same_result(images, tmp_path, tiny):
-    plain = train(cfg(images, tmp_path / "a"), components=tiny)
-    ckpt = train(cfg(images, tmp_path / "b", gradient_checkpointing=True), components=fx.tiny_sd15(0))
+def test_gradient_checkpointing_gives_same_result(train_images, tmp_path, tiny_sd15):
+    plain = train(cfg(train_images, tmp_path / "a"), components=tiny_sd15)
+    ckpt = train(cfg(train_images, tmp_path / "b", gradient_checkpointing=True), components=fx.tiny_sd15(0))
     assert torch.allclose(torch.tensor(plain["losses"]), torch.tensor(ckpt["losses"]), rtol=1e-5)
     a, b = lora_tensors(plain["out"]), lora_tensors(ckpt["out"])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -244,6 +234,6 @@ def test_gradient_checkpointing_recomputes_the_unet_layers():
     assert 1.7 * plain < ckpt <= 2 * plain
 
 
-def test_bf16_autocast_on_cpu(images, tmp_path, tiny):
-    r = train(cfg(images, tmp_path, precision="bf16", max_steps=1), components=tiny)
+def test_bf16_autocast_on_cpu(train_images, tmp_path, tiny_sd15):
+    r = train(cfg(train_images, tmp_path, precision="bf16", max_steps=1), components=tiny_sd15)
     assert r["status"] == "done" and 0 < r["losses"][0] < 10

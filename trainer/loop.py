@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -354,7 +355,11 @@ class Run:
             if o is not None:  # the generator term also left gradients on the heads: drop them
                 o.zero_grad(set_to_none=True)
         lr = self.sched.get_last_lr()[0]
-        self.sched.step()
+        with warnings.catch_warnings():
+            # the LoRA's schedule follows the global step count, discriminator steps included; torch
+            # warns when a scheduler steps before its optimizer has, as on the variant's first step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.sched.step()
         self.step += 1
         loss_v = float(loss_acc)
         self.losses.append(loss_v)
