@@ -1,0 +1,81 @@
+"""The demo teacher's build and measuring scripts (demo/train_teacher.py, demo/measure_teacher.py) at
+tiny step counts: their machinery, not the shipped model's quality (that is docs/demo_model.md)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+
+import harness
+
+sys.path.insert(0, str(harness.REPO / "bench"))
+from demo import measure_teacher, train_teacher  # noqa: E402
+
+TINY = ["--vae-crop-steps", "2", "--vae-steps", "1", "--focus-crop-steps", "1", "--focus-steps", "1",
+        "--unet-steps", "2", "--decoder-steps", "1", "--dataset-size", "16", "--threads", "0"]
+
+
+def weights(folder):
+    return {f: safetensors.torch.load_file(str(folder / f)) for f in ("demo_unet.safetensors", "demo_clip.safetensors",
+                                                                      "demo_vae.safetensors")}
+
+
+def test_phases_run_separately_give_the_same_weights_as_one_run(tmp_path, host):
+    """`--phase all` and the phases run one by one (decoder before unet: they only share the VAE
+    phase's output) write bit-identical weights, which the demo model builds from."""
+    train_teacher.main([*TINY, "--work", str(tmp_path / "w1"), "--out", str(tmp_path / "all")])
+    for phase in ("vae", "vae_focus", "decoder", "unet", "assemble"):
+        train_teacher.main([*TINY, "--phase", phase, "--work", str(tmp_path / "w2"), "--out", str(tmp_path / "split")])
+    one, split = weights(tmp_path / "all"), weights(tmp_path / "split")
+    for name in one:
+        assert one[name].keys() == split[name].keys()
+        assert all(np.array_equal(one[name][k].numpy(), split[name][k].numpy()) for k in one[name]), name
+    record = (tmp_path / "all" / "teacher_train.json").read_text()
+    assert '"vae_reconstruction_accuracy"' in record and '"unet_steps": 2' in record
+    model, clip, vae = train_teacher.load_demo_module().build(str(tmp_path / "all"))
+    assert vae.first_stage_model.decoder.conv_out.weight.dtype.is_floating_point
+
+
+def test_a_missing_phase_output_is_named(tmp_path, host):
+    with pytest.raises(SystemExit, match="vae.safetensors is missing: run the phase that writes it first"):
+        train_teacher.main([*TINY, "--phase", "unet", "--work", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+
+
+def test_shape_crops_hold_the_shape_on_the_latent_grid():
+    from demo import dataset
+
+    crops = train_teacher.shape_crops(0, 0, 32).numpy()
+    assert crops.shape == (32, 3, 32, 32)
+    for i, crop in enumerate(crops):  # the shape's colour is in the crop
+        colour = np.array(dataset.COLOURS[dataset.sample(0, i)[2].colour]) / 127.5 - 1
+        assert (np.abs(crop.transpose(1, 2, 0) - colour).max(axis=-1) < 0.1).sum() > 10, i
+
+
+def test_foreground_weight_covers_the_shape_and_its_gaps():
+    """The weighted region is the shape with its stripes' background-coloured gaps; far background is 1."""
+    import torch
+
+    from demo import dataset
+
+    img = dataset.render(dataset.Scene("square", "red", "striped", "center", "light"))
+    x = torch.from_numpy(img.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+    w = train_teacher.foreground_weight(x, 10.0)[0, 0].numpy()
+    light = np.array(dataset.BACKGROUNDS["light"])
+    gaps = (np.abs(img.astype(float) - light).sum(-1) < 20)[26:38, 26:38]  # background-coloured pixels inside
+    assert gaps.any() and (w[26:38, 26:38] == 10).all()
+    assert (w[:8, :8] == 1).all() and (w[-8:, -8:] == 1).all()
+    assert (train_teacher.foreground_weight(x, 1) == 1).all()
+
+
+def test_measure_reads_real_images_perfectly_and_every_row(host, comfy_base):
+    import quality
+
+    bench_host = quality.Host(comfy_base)
+    result = measure_teacher.measure(bench_host, samples=8, steps=2, cfg=3.0, chunk=4)
+    assert list(result["figures"]) == ["real images", "VAE reconstruction", "teacher, 2 euler steps, CFG 3"]
+    assert all(e.value == 1.0 for e in result["figures"]["real images"].values())
+    for label, images in result["images"].items():
+        assert images.shape == (8, 64, 64, 3) and images.dtype == np.uint8, label
+    assert quality.TEACHER_CFG == 4.5  # restored
