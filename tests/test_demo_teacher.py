@@ -11,7 +11,8 @@ import safetensors.torch
 import harness
 
 sys.path.insert(0, str(harness.REPO / "bench"))
-from demo import measure_teacher, train_teacher  # noqa: E402
+from demo import measure_teacher  # noqa: E402
+from demo import train_teacher_v2 as train_teacher  # noqa: E402
 
 TINY = ["--vae-crop-steps", "2", "--vae-steps", "1", "--focus-crop-steps", "1", "--focus-steps", "1",
         "--unet-steps", "2", "--decoder-steps", "1", "--dataset-size", "16", "--threads", "0"]
