@@ -273,7 +273,8 @@ class Host:
     # -- recipes: (guider, sampler, sigmas) for a positive conditioning ---------------------------
     def recipe(self, kind: str, model, steps: int, positive, guidance: float | None = None):
         if kind == "teacher":
-            return (self.run("CFGGuider", model=model, positive=positive, negative=self.empty, cfg=TEACHER_CFG)[0],
+            cfg = TEACHER_CFG if guidance is None else guidance
+            return (self.run("CFGGuider", model=model, positive=positive, negative=self.empty, cfg=cfg)[0],
                     self.run("KSamplerSelect", sampler_name="euler")[0],
                     self.run("BasicScheduler", model=model, scheduler="normal", steps=steps, denoise=1.0)[0])
         if kind == "tdd":

@@ -80,11 +80,7 @@ def measure(host, samples: int, steps: int = 25, cfg: float = quality.TEACHER_CF
     net = classifier.load()
     start = time.perf_counter()
     conds = [host.encode([s.caption for s in scenes[i:i + chunk]]) for i in range(0, samples, chunk)]
-    saved_cfg, quality.TEACHER_CFG = quality.TEACHER_CFG, cfg
-    try:
-        teacher = host.generate("teacher", host.model, steps, conds)
-    finally:
-        quality.TEACHER_CFG = saved_cfg
+    teacher = host.generate("teacher", host.model, steps, conds, guidance=cfg)
     seconds = time.perf_counter() - start
     images = {"real images": real, "VAE reconstruction": reconstruct(host.vae, real),
               f"teacher, {steps} euler steps, CFG {cfg:g}": teacher}

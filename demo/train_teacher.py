@@ -125,7 +125,12 @@ def token_ids(clip, texts):
     return [[t for t, _ in clip.tokenizer.tokenize_with_weights(text)["l"][0]] for text in texts]
 
 
-def train_unet(model, clip, latents, stds, captions, seed, steps, batch=64, lr=3e-4, ema_decay=0.998):
+def train_unet(model, clip, latents, stds, captions, seed, steps, batch=64, lr=3e-4, ema_decay=0.998, lr_at=None,
+               on_step=None):
+    """The UNet + text encoder on encoded latents with an EMA of both (loaded at the end).
+
+    ``lr_at(step)`` overrides the learning rate (default: ``lr`` after a 200-step linear warm-up);
+    ``on_step(step, ema)`` is called after each step (e.g. to save EMA snapshots)."""
     unet = model.model.diffusion_model
     text = clip.cond_stage_model.clip_l
     abar = 1.0 / (1.0 + model.model.model_sampling.sigmas.float() ** 2)  # sigma^2 = (1 - abar) / abar
@@ -152,9 +157,9 @@ def train_unet(model, clip, latents, stds, captions, seed, steps, batch=64, lr=3
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warm = min(1.0, (step + 1) / 200)
+        step_lr = lr * min(1.0, (step + 1) / 200) if lr_at is None else lr_at(step)
         for group in opt.param_groups:
-            group["lr"] = lr * warm
+            group["lr"] = step_lr
         opt.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
@@ -164,6 +169,8 @@ def train_unet(model, clip, latents, stds, captions, seed, steps, batch=64, lr=3
                         ema[name][k].mul_(decay).add_(v, alpha=1 - decay)
         if step % 50 == 0:
             log.info("unet step %d loss %.4f (%.2f s/step)", step, loss.item(), (time.monotonic() - t0) / (step + 1))
+        if on_step is not None:
+            on_step(step, ema)
     unet.load_state_dict(ema["unet"])
     clip.cond_stage_model.load_state_dict(ema["clip"])
     unet.eval()

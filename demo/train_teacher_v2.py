@@ -26,8 +26,6 @@ logs the attribute classifier's accuracy on VAE reconstructions. Model card: doc
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import json
 import logging
 import math
@@ -43,25 +41,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from demo import dataset  # noqa: E402
+from demo.train_teacher import encode_dataset, fold_latent_scale, images, load_demo_module, train_unet  # noqa: E402
 from trainer.fileio import atomic_write_text  # noqa: E402
 from trainer.lora_format import atomic_save_safetensors  # noqa: E402
 from trainer.models import ensure_host  # noqa: E402
 
 log = logging.getLogger("demo.train_teacher_v2")
-LATENT_SCALE = 0.18215  # SD1.5's latent format, which the host applies to this model
-EMPTY_PROMPT_PROB = 0.1
 PHASES = ("vae", "vae_focus", "unet", "decoder")
-
-
-def load_demo_module():
-    spec = importlib.util.spec_from_file_location("tdd_demo_model", REPO / "nodes" / "demo_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def images(seed, start, n):
-    return torch.from_numpy(dataset.batch(seed, start, n)[0])
 
 
 def shape_crops(seed, start, n, size=32):
@@ -176,20 +162,6 @@ def finetune_decoder(vae, seed, steps, fg_weight, lr=3e-4):
 
 
 @torch.no_grad()
-def fold_latent_scale(vae, seed, n=256):
-    """Scale the VAE's latent so that latent * 0.18215 has unit std (as SD1.5's does)."""
-    ae = vae.first_stage_model
-    mean = posterior(ae, images(seed, 10_000_000, n))[0]
-    k = 1.0 / (LATENT_SCALE * float(mean.std()))
-    half = ae.quant_conv.out_channels // 2
-    ae.quant_conv.weight[:half] *= k
-    ae.quant_conv.bias[:half] *= k
-    ae.quant_conv.bias[half:] += 2 * np.log(k)
-    ae.post_quant_conv.weight /= k
-    return k
-
-
-@torch.no_grad()
 def reconstruction_accuracy(vae, n=256, seed=777):
     """The attribute classifier's accuracy on VAE reconstructions of ``n`` unseen images (a progress
     figure for the record; the teacher's own accuracy is measured by demo/measure_teacher.py)."""
@@ -209,68 +181,15 @@ def reconstruction_accuracy(vae, n=256, seed=777):
     return {k: round(float((preds[k] == truth[k].numpy()).mean()), 4) for k in preds}
 
 
-@torch.no_grad()
-def encode_dataset(vae, seed, n, batch=64):
-    ae = vae.first_stage_model
-    means, stds, caps = [], [], []
-    for start in range(0, n, batch):
-        arr, captions = dataset.batch(seed, start, min(batch, n - start))
-        mean, logvar = posterior(ae, torch.from_numpy(arr))
-        means.append(mean * LATENT_SCALE)
-        stds.append((0.5 * logvar).exp() * LATENT_SCALE)
-        caps += captions
-    return torch.cat(means), torch.cat(stds), caps
+def train_unet_v2(model, clip, latents, stds, captions, seed, steps, work, lr=5e-4):
+    """demo/train_teacher.py's UNet loop with a cosine lr and EMA snapshots every 500 steps in ``work``."""
 
-
-def token_ids(clip, texts):
-    return [[t for t, _ in clip.tokenizer.tokenize_with_weights(text)["l"][0]] for text in texts]
-
-
-def train_unet(model, clip, latents, stds, captions, seed, steps, work, batch=64, lr=5e-4, ema_decay=0.998):
-    unet = model.model.diffusion_model
-    text = clip.cond_stage_model.clip_l
-    abar = 1.0 / (1.0 + model.model.model_sampling.sigmas.float() ** 2)  # sigma^2 = (1 - abar) / abar
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = {"unet": copy.deepcopy(unet.state_dict()), "clip": copy.deepcopy(clip.cond_stage_model.state_dict())}
-    unet.train()
-    text.train()
-    g = torch.Generator().manual_seed(seed)
-    all_ids = token_ids(clip, captions)
-    empty_ids = token_ids(clip, [""])[0]
-    t0 = time.monotonic()
-    for step in range(steps):
-        idx = torch.randint(0, len(latents), (batch,), generator=g)
-        x0 = latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=g)
-        ids = [empty_ids if torch.rand((), generator=g) < EMPTY_PROMPT_PROB else all_ids[i] for i in idx.tolist()]
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = abar[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
-        context = text(ids)[0]
-        eps = unet(a * x0 + s * noise, timesteps=t.float(), context=context)
-        loss = F.mse_loss(eps, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=200)
-        opt.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            for name, module in (("unet", unet), ("clip", clip.cond_stage_model)):
-                for k, v in module.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[name][k].mul_(decay).add_(v, alpha=1 - decay)
-        if step % 50 == 0:
-            log.info("unet step %d/%d loss %.4f (%.2f s/step)", step, steps, loss.item(),
-                     (time.monotonic() - t0) / (step + 1))
+    def snapshot(step, ema):
         if (step + 1) % 500 == 0 and step + 1 < steps:
             save(work / f"unet_ema_{step + 1}.safetensors", {**prefixed("unet.", ema["unet"]), **prefixed("clip.", ema["clip"])})
-    unet.load_state_dict(ema["unet"])
-    clip.cond_stage_model.load_state_dict(ema["clip"])
-    unet.eval()
-    text.eval()
+
+    train_unet(model, clip, latents, stds, captions, seed, steps, lr=lr,
+               lr_at=lambda step: cosine_lr(step, steps, lr, warmup=200), on_step=snapshot)
 
 
 def prefixed(prefix, sd):
@@ -317,7 +236,7 @@ def run_phase(phase, args, demo_model, work):
         vae = demo_model.build_vae(demo_model.VAE_CONFIG, load(work / "vae.safetensors"))
         latents, stds, captions = encode_dataset(vae, args.seed, args.dataset_size)
         log.info("latents %s std %.3f", tuple(latents.shape), float(latents.std()))
-        train_unet(model, clip, latents, stds, captions, args.seed + 2, args.unet_steps, work)
+        train_unet_v2(model, clip, latents, stds, captions, args.seed + 2, args.unet_steps, work)
         save(work / "unet.safetensors", {**prefixed("unet.", model.model.diffusion_model.state_dict()),
                                          **prefixed("clip.", clip.cond_stage_model.state_dict())})
     elif phase == "decoder":
