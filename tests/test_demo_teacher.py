@@ -12,10 +12,10 @@ import harness
 
 sys.path.insert(0, str(harness.REPO / "bench"))
 from demo import measure_teacher  # noqa: E402
-from demo import train_teacher_v2 as train_teacher  # noqa: E402
+from demo import train_teacher  # noqa: E402
 
 TINY = ["--vae-crop-steps", "2", "--vae-steps", "1", "--focus-crop-steps", "1", "--focus-steps", "1",
-        "--unet-steps", "2", "--decoder-steps", "1", "--dataset-size", "16", "--threads", "0"]
+        "--unet-steps", "2", "--unet-more-steps", "2", "--decoder-steps", "1", "--dataset-size", "16", "--threads", "0"]
 
 
 def weights(folder):
@@ -27,7 +27,7 @@ def test_phases_run_separately_give_the_same_weights_as_one_run(tmp_path, host):
     """`--phase all` and the phases run one by one (decoder before unet: they only share the VAE
     phase's output) write bit-identical weights, which the demo model builds from."""
     train_teacher.main([*TINY, "--work", str(tmp_path / "w1"), "--out", str(tmp_path / "all")])
-    for phase in ("vae", "vae_focus", "decoder", "unet", "assemble"):
+    for phase in ("vae", "vae_focus", "decoder", "unet", "unet_more", "assemble"):
         train_teacher.main([*TINY, "--phase", phase, "--work", str(tmp_path / "w2"), "--out", str(tmp_path / "split")])
     one, split = weights(tmp_path / "all"), weights(tmp_path / "split")
     for name in one:
@@ -80,3 +80,43 @@ def test_measure_reads_real_images_perfectly_and_every_row(host, comfy_base):
     for label, images in result["images"].items():
         assert images.shape == (8, 64, 64, 3) and images.dtype == np.uint8, label
     assert quality.TEACHER_CFG == 4.5  # restored
+
+
+def test_unet_more_continues_from_the_unet_phase(tmp_path, host):
+    """Phase `unet_more` starts from the `unet` phase's weights: at a zero learning rate it writes them
+    back unchanged, and at its own learning rate it moves them."""
+    work = tmp_path / "w"
+    for phase in ("vae", "vae_focus", "unet"):
+        train_teacher.main([*TINY, "--phase", phase, "--work", str(work)])
+    before = safetensors.torch.load_file(str(work / "unet.safetensors"))
+    for lr, same in (("0", True), ("3e-4", False)):
+        train_teacher.main([*TINY, "--phase", "unet_more", "--work", str(work), "--unet-more-lr", lr])
+        after = safetensors.torch.load_file(str(work / "unet_more.safetensors"))
+        assert before.keys() == after.keys()
+        assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before) == same, lr
+
+
+def test_decoder_phase_continues_from_a_file_and_noise_changes_what_it_learns(tmp_path, host):
+    """`--decoder-init` starts the decoder phase from a VAE file (unchanged at a zero learning rate,
+    the encoder always kept); `--decoder-latent-noise` trains on perturbed latents, so it learns
+    something else than the same steps without it."""
+    work = tmp_path / "w"
+    for phase in ("vae", "vae_focus"):
+        train_teacher.main([*TINY, "--phase", phase, "--work", str(work)])
+    start = work / "start.safetensors"
+    train_teacher.main([*TINY, "--phase", "decoder", "--work", str(work)])
+    (work / "vae_final.safetensors").rename(start)
+
+    def decoder(*flags):
+        train_teacher.main([*TINY, "--phase", "decoder", "--work", str(work), "--decoder-init", str(start),
+                            "--decoder-steps", "2", *flags])
+        return safetensors.torch.load_file(str(work / "vae_final.safetensors"))
+
+    before = safetensors.torch.load_file(str(start))
+    still = decoder("--decoder-lr", "0")
+    assert all(np.array_equal(before[k].numpy(), still[k].numpy()) for k in before)
+    plain, noisy = decoder(), decoder("--decoder-latent-noise", "0.3")
+    changed = [k for k in before if k.startswith("decoder.") and not np.array_equal(plain[k].numpy(), noisy[k].numpy())]
+    assert changed, "latent noise made no difference to the decoder"
+    assert all(np.array_equal(before[k].numpy(), noisy[k].numpy()) for k in before if k.startswith("encoder."))
+    assert '"decoder_latent_noise": 0.3' in (work / "record_decoder.json").read_text()
