@@ -1,0 +1,70 @@
+"""Which part of a method's result comes from its training and which from its sampler: every student
+of ``bench/quality.py`` sampled with every method's recipe, at one step count.
+
+    .venv/bin/python bench/quality_cross.py [--preset small] [--steps 4]
+
+Uses the students ``bench/quality.py`` trained for the preset (cached by their training settings and
+the teacher; trained first if missing), the same prompts, initial noises, host and classifier, and
+prints a table of mean prompt-adherence accuracy (and per attribute) with 95% bootstrap intervals:
+rows are students, columns the sampling recipe. A figure for the investigation in docs/quality*.md,
+not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (sets the one-thread environment before torch loads)
+import quality_metrics as qm  # noqa: E402
+
+log = logging.getLogger("bench.quality_cross")
+RECIPES = ("tdd", "tcd", "lcm")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(quality.PRESETS), default="small")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--samples", type=int, help="override the preset's number of evaluation prompts")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(1)
+    preset = quality.PRESETS[args.preset]
+    n = args.samples or preset.samples
+    host = quality.Host()
+    data = quality.write_data(preset)
+    students = [s for s in quality.available_students() if s.name in RECIPES]
+    prompts = quality.eval_prompts(n)
+    chunks = [host.encode(prompts.captions[i:i + preset.chunk]) for i in range(0, n, preset.chunk)]
+    from demo import classifier
+
+    net = classifier.load()
+    labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
+    rows = []
+    for student in students:
+        path, _ = quality.train_student(student, preset, data)
+        model = host.with_lora(path)
+        for recipe in RECIPES:
+            images = host.generate(recipe, model, args.steps, chunks)
+            preds, _ = classifier.read(net, images)
+            hits = qm.attribute_hits(preds, labels)
+            cis = {k: qm.bootstrap_ci(h, preset.n_boot, seed=0) for k, h in hits.items()}
+            cis["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), preset.n_boot, seed=0)
+            rows.append((student.label, recipe, cis))
+            log.info("%s student, %s recipe, %d steps: mean %s", student.label, recipe, args.steps, quality.pct(cis["mean"]))
+    attrs = [k for k in rows[0][2] if k != "mean"]
+    lines = [f"{n} prompts, {args.steps} steps, preset {args.preset}: accuracy % [95% bootstrap interval]", "",
+             "| student | sampled with | mean | " + " | ".join(attrs) + " |",
+             "|---|---|---|" + "---|" * len(attrs)]
+    lines += [f"| {label} | {recipe} | {quality.pct(c['mean'])} | " + " | ".join(quality.pct(c[a]) for a in attrs) + " |"
+              for label, recipe, c in rows]
+    log.info("\n%s", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
