@@ -24,6 +24,32 @@ log = logging.getLogger("bench.quality_cross")
 RECIPES = ("tdd", "tcd", "lcm")
 
 
+def cross_scores(sample, students: dict, labels: dict, net, n_boot: int) -> list[tuple[str, str, dict]]:
+    """``(student, recipe, accuracies)`` for every student and recipe: ``sample(recipe, model)`` gives the
+    images of the prompts whose classifier ``labels`` are given; accuracies per attribute and their
+    mean, each a bootstrap estimate."""
+    from demo import classifier
+
+    rows = []
+    for label, model in students.items():
+        for recipe in RECIPES:
+            preds, _ = classifier.read(net, sample(recipe, model))
+            hits = qm.attribute_hits(preds, labels)
+            cis = {k: qm.bootstrap_ci(h, n_boot, seed=0) for k, h in hits.items()}
+            cis["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), n_boot, seed=0)
+            rows.append((label, recipe, cis))
+            log.info("%s student, %s recipe: mean %s", label, recipe, quality.pct(cis["mean"]))
+    return rows
+
+
+def table(rows) -> str:
+    attrs = [k for k in rows[0][2] if k != "mean"]
+    lines = ["| student | sampled with | mean | " + " | ".join(attrs) + " |", "|---|---|---|" + "---|" * len(attrs)]
+    lines += [f"| {label} | {recipe} | {quality.pct(c['mean'])} | " + " | ".join(quality.pct(c[a]) for a in attrs) + " |"
+              for label, recipe, c in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(quality.PRESETS), default="small")
@@ -33,37 +59,22 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
+    from demo import classifier
+
     torch.set_num_threads(1)
     preset = quality.PRESETS[args.preset]
     n = args.samples or preset.samples
     host = quality.Host()
     data = quality.write_data(preset)
-    students = [s for s in quality.available_students() if s.name in RECIPES]
     prompts = quality.eval_prompts(n)
     chunks = [host.encode(prompts.captions[i:i + preset.chunk]) for i in range(0, n, preset.chunk)]
-    from demo import classifier
-
-    net = classifier.load()
+    students = {s.label: host.with_lora(quality.train_student(s, preset, data)[0])
+                for s in quality.available_students() if s.name in RECIPES}
     labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
-    rows = []
-    for student in students:
-        path, _ = quality.train_student(student, preset, data)
-        model = host.with_lora(path)
-        for recipe in RECIPES:
-            images = host.generate(recipe, model, args.steps, chunks)
-            preds, _ = classifier.read(net, images)
-            hits = qm.attribute_hits(preds, labels)
-            cis = {k: qm.bootstrap_ci(h, preset.n_boot, seed=0) for k, h in hits.items()}
-            cis["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), preset.n_boot, seed=0)
-            rows.append((student.label, recipe, cis))
-            log.info("%s student, %s recipe, %d steps: mean %s", student.label, recipe, args.steps, quality.pct(cis["mean"]))
-    attrs = [k for k in rows[0][2] if k != "mean"]
-    lines = [f"{n} prompts, {args.steps} steps, preset {args.preset}: accuracy % [95% bootstrap interval]", "",
-             "| student | sampled with | mean | " + " | ".join(attrs) + " |",
-             "|---|---|---|" + "---|" * len(attrs)]
-    lines += [f"| {label} | {recipe} | {quality.pct(c['mean'])} | " + " | ".join(quality.pct(c[a]) for a in attrs) + " |"
-              for label, recipe, c in rows]
-    log.info("\n%s", "\n".join(lines))
+    rows = cross_scores(lambda recipe, model: host.generate(recipe, model, args.steps, chunks), students, labels,
+                        classifier.load(), preset.n_boot)
+    log.info("%d prompts, %d steps, preset %s: accuracy %% [95%% bootstrap interval]\n%s", n, args.steps, args.preset,
+             table(rows))
 
 
 if __name__ == "__main__":

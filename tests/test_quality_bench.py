@@ -134,3 +134,27 @@ def test_report_from_constructed_runs(tmp_path):
     for path in plots.values():
         assert path.is_file() and path.stat().st_size > 10_000
         assert f"]({path.relative_to(tmp_path)})" in text
+
+
+def test_cross_scores_credit_the_student_not_the_recipe():
+    """bench/quality_cross.py on constructed samplers (no host): a student that draws the prompts' real
+    images scores 100% with every recipe; one whose 'lcm' recipe draws each prompt's image in the
+    wrong place of the batch scores lower with that recipe only; the table has one row per pair."""
+    import quality_cross
+    from demo import classifier, dataset
+
+    n = 24
+    prompts = quality.eval_prompts(n)
+    real = np.stack([dataset.sample(quality.PROMPT_SEED, i)[0] for i in range(n)])
+    labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
+
+    def sample(recipe, model):
+        return np.roll(real, 1, axis=0) if (model, recipe) == ("mixed", "lcm") else real
+
+    rows = quality_cross.cross_scores(sample, {"good": "good", "mixed": "mixed"}, labels, classifier.load(), 50)
+    means = {(label, recipe): c["mean"].value for label, recipe, c in rows}
+    assert len(rows) == 2 * len(quality_cross.RECIPES)
+    assert all(v == 1.0 for (label, recipe), v in means.items() if (label, recipe) != ("mixed", "lcm"))
+    assert means["mixed", "lcm"] < 0.9
+    text = quality_cross.table(rows)
+    assert text.count("\n| mixed | ") == 3 and "| good | tdd | 100.0 [100.0, 100.0] |" in text
