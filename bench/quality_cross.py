@@ -12,6 +12,7 @@ not a test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -55,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(quality.PRESETS), default="small")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--samples", type=int, help="override the preset's number of evaluation prompts")
+    ap.add_argument("--train-steps", type=int, help="override the preset's training steps (a budget study)")
+    ap.add_argument("--methods", default=",".join(RECIPES), help="students to compare, comma-separated")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -63,13 +66,15 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     preset = quality.PRESETS[args.preset]
+    if args.train_steps:
+        preset = dataclasses.replace(preset, train_steps=args.train_steps)
     n = args.samples or preset.samples
     host = quality.Host()
     data = quality.write_data(preset)
     prompts = quality.eval_prompts(n)
     chunks = [host.encode(prompts.captions[i:i + preset.chunk]) for i in range(0, n, preset.chunk)]
     students = {s.label: host.with_lora(quality.train_student(s, preset, data)[0])
-                for s in quality.available_students() if s.name in RECIPES}
+                for s in quality.available_students() if s.name in args.methods.split(",")}
     labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
     rows = cross_scores(lambda recipe, model: host.generate(recipe, model, args.steps, chunks), students, labels,
                         classifier.load(), preset.n_boot)
