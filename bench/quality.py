@@ -363,13 +363,20 @@ def score(runs: list[Run], prompts: Prompts, preset: Preset) -> dict:
     return reference
 
 
-def score_images(net, images, labels, real_feats, teacher_feats, preset: Preset) -> dict:
+def accuracy(net, images, labels, n_boot: int) -> tuple[dict, np.ndarray]:
+    """The classifier's accuracy on ``images`` per attribute and their mean (bootstrap estimates), and
+    its features of the images."""
     from demo import classifier
 
     preds, feats = classifier.read(net, images)
     hits = qm.attribute_hits(preds, labels)
-    out = {name: qm.bootstrap_ci(h, preset.n_boot, seed=0) for name, h in hits.items()}
-    out["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), preset.n_boot, seed=0)
+    out = {name: qm.bootstrap_ci(h, n_boot, seed=0) for name, h in hits.items()}
+    out["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), n_boot, seed=0)
+    return out, feats
+
+
+def score_images(net, images, labels, real_feats, teacher_feats, preset: Preset) -> dict:
+    out, feats = accuracy(net, images, labels, preset.n_boot)
     out["fd"] = qm.bootstrap_fd_ci(feats, real_feats, n_boot=preset.fd_boot, seed=0)
     if teacher_feats is not None:
         out["fidelity"] = qm.bootstrap_ci(qm.pair_distances(feats, teacher_feats), preset.n_boot, seed=0)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (sets the one-thread environment before torch loads)
-import quality_metrics as qm  # noqa: E402
 
 log = logging.getLogger("bench.quality_cross")
 RECIPES = ("tdd", "tcd", "lcm")
@@ -29,15 +28,10 @@ def cross_scores(sample, students: dict, labels: dict, net, n_boot: int) -> list
     """``(student, recipe, accuracies)`` for every student and recipe: ``sample(recipe, model)`` gives the
     images of the prompts whose classifier ``labels`` are given; accuracies per attribute and their
     mean, each a bootstrap estimate."""
-    from demo import classifier
-
     rows = []
     for label, model in students.items():
         for recipe in RECIPES:
-            preds, _ = classifier.read(net, sample(recipe, model))
-            hits = qm.attribute_hits(preds, labels)
-            cis = {k: qm.bootstrap_ci(h, n_boot, seed=0) for k, h in hits.items()}
-            cis["mean"] = qm.bootstrap_ci(qm.mean_hits(hits), n_boot, seed=0)
+            cis, _ = quality.accuracy(net, sample(recipe, model), labels, n_boot)
             rows.append((label, recipe, cis))
             log.info("%s student, %s recipe: mean %s", label, recipe, quality.pct(cis["mean"]))
     return rows

@@ -72,7 +72,7 @@ def images(seed, start, n):
 def fold_latent_scale(vae, seed, n=256):
     """Scale the VAE's latent so that latent * 0.18215 has unit std (as SD1.5's does)."""
     ae = vae.first_stage_model
-    mean = ae.quant_conv(ae.encoder(images(seed, 10_000_000, n))).chunk(2, dim=1)[0]
+    mean = posterior(ae, images(seed, 10_000_000, n))[0]
     k = 1.0 / (LATENT_SCALE * float(mean.std()))
     half = ae.quant_conv.out_channels // 2
     ae.quant_conv.weight[:half] *= k
@@ -88,9 +88,9 @@ def encode_dataset(vae, seed, n, batch=64):
     means, stds, caps = [], [], []
     for start in range(0, n, batch):
         arr, captions = dataset.batch(seed, start, min(batch, n - start))
-        mean, logvar = ae.quant_conv(ae.encoder(torch.from_numpy(arr))).chunk(2, dim=1)
+        mean, logvar = posterior(ae, torch.from_numpy(arr))
         means.append(mean * LATENT_SCALE)
-        stds.append((0.5 * logvar.clamp(-30, 20)).exp() * LATENT_SCALE)
+        stds.append((0.5 * logvar).exp() * LATENT_SCALE)
         caps += captions
     return torch.cat(means), torch.cat(stds), caps
 
