@@ -188,10 +188,19 @@ def foreground_weight(x, weight):
     return 1 + (weight - 1) * F.max_pool2d(shape, 9, stride=1, padding=4)
 
 
-def image_loss(rec, x, fg_weight=1):
+def dark_weight(x, weight):
+    """Per-image loss weight: ``weight`` for images on a dark background (median pixel below mid-grey),
+    1 for the others. The autoencoder's colour errors are mostly on the dark background
+    (docs/demo_model.md), where shapes decode dim."""
+    dark = x.flatten(1).median(dim=1).values < 0
+    return torch.where(dark, float(weight), 1.0)[:, None, None, None]
+
+
+def image_loss(rec, x, fg_weight=1, dark=1):
     """L1 + 0.5 MSE + an edge loss (L1 on the images' horizontal and vertical finite differences, which
-    keeps corners, stripes, checks and outlines crisp), each weighted by :func:`foreground_weight`."""
-    w = foreground_weight(x, fg_weight)
+    keeps corners, stripes, checks and outlines crisp), each weighted by :func:`foreground_weight`
+    and :func:`dark_weight`."""
+    w = foreground_weight(x, fg_weight) * dark_weight(x, dark)
     d = rec - x
     dx, dy = d[..., :, 1:] - d[..., :, :-1], d[..., 1:, :] - d[..., :-1, :]
     return ((d.abs() + 0.5 * d ** 2) * w).mean() + (dx.abs() * w[..., :, 1:]).mean() + (dy.abs() * w[..., 1:, :]).mean()
@@ -202,8 +211,10 @@ def posterior(ae, x):
     return mean, logvar.clamp(-30, 20)
 
 
-def train_autoencoder(ae, params, batches, steps, lr, gen, name, kl_weight=None, fg_weight=1, latent_noise=0.0):
-    """AdamW over ``params`` on ``batches(step)``; the KL term only when the encoder trains.
+def train_autoencoder(ae, params, batches, steps, lr, gen, name, kl_weight=None, fg_weight=1, latent_noise=0.0,
+                      dark=1):
+    """AdamW over ``params`` on ``batches(step)``; the KL term only when the encoder trains; ``fg_weight``
+    and ``dark`` weigh the loss (:func:`image_loss`).
 
     ``latent_noise`` > 0 perturbs each latent by Gaussian noise of std ``u * latent_noise`` times the
     latents' std (``u`` uniform in [0, 1) per image) before decoding: the decoder then learns to
@@ -222,7 +233,7 @@ def train_autoencoder(ae, params, batches, steps, lr, gen, name, kl_weight=None,
             u = torch.rand((len(z), 1, 1, 1), generator=gen)
             z = z + u * latent_noise / LATENT_SCALE * torch.randn(z.shape, generator=gen)
         rec = ae.decoder(ae.post_quant_conv(z))
-        loss = image_loss(rec, x, fg_weight)
+        loss = image_loss(rec, x, fg_weight, dark)
         if kl_weight is not None:
             loss = loss + kl_weight * 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         opt.zero_grad(set_to_none=True)
@@ -259,14 +270,14 @@ def focus_vae(vae, seed, crop_steps, full_steps, fg_weight, lr=4e-4):
     ae.eval()
 
 
-def finetune_decoder(vae, seed, steps, fg_weight, lr=3e-4, latent_noise=0.0):
+def finetune_decoder(vae, seed, steps, fg_weight, lr=3e-4, latent_noise=0.0, dark=1):
     """Decoder-only training with the encoder frozen: sharper images, same latent space."""
     ae = vae.first_stage_model
     params = list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters())
     ae.decoder.train()
     gen = torch.Generator().manual_seed(seed)
     train_autoencoder(ae, params, lambda s: images(seed, 5_000_000 + s * 16, 16), steps, lr, gen, "decoder",
-                      fg_weight=fg_weight, latent_noise=latent_noise)
+                      fg_weight=fg_weight, latent_noise=latent_noise, dark=dark)
     ae.eval()
 
 
@@ -326,6 +337,28 @@ def write_record(work, phase, record):
     atomic_write_text(str(work / f"record_{phase}.json"), json.dumps(record, indent=1))
 
 
+def read_record(work, phase):
+    path = work / f"record_{phase}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the phase that writes it first (see --help)")
+    return json.loads(path.read_text())
+
+
+def unet_cycle_name(cycle):
+    """The UNet weights' stem after ``cycle`` cycles of phase unet_more (0: the unet phase's)."""
+    return "unet" if cycle == 0 else "unet_more" if cycle == 1 else f"unet_more_{cycle}"
+
+
+def train_unet_phase(model, clip, args, demo_model, work, steps, lr, seed, name):
+    """One cosine cycle of UNet training on the focused VAE's latents, written to ``work/<name>.safetensors``."""
+    vae = demo_model.build_vae(demo_model.VAE_CONFIG, load(work / "vae.safetensors"))
+    latents, stds, captions = encode_dataset(vae, args.seed, args.dataset_size)
+    log.info("%s: latents %s std %.3f", name, tuple(latents.shape), float(latents.std()))
+    train_unet_cycle(model, clip, latents, stds, captions, seed, steps, work, lr=lr, name=name)
+    save(work / f"{name}.safetensors", {**prefixed("unet.", model.model.diffusion_model.state_dict()),
+                                        **prefixed("clip.", clip.cond_stage_model.state_dict())})
+
+
 def run_phase(phase, args, demo_model, work):
     t0 = time.monotonic()
     record = {}
@@ -341,37 +374,46 @@ def run_phase(phase, args, demo_model, work):
         record["latent_scale_fold_after_focus"] = fold_latent_scale(vae, args.seed + 1)
         record["vae_reconstruction_accuracy_after_focus"] = reconstruction_accuracy(vae)
         save(work / "vae.safetensors", vae.first_stage_model.state_dict())
-    elif phase in ("unet", "unet_more"):
+    elif phase == "unet":
         model, clip, _ = demo_model.build(None, seed=args.seed)
-        if phase == "unet_more":  # a second cosine cycle from the first one's (EMA) weights, fresh batches
-            both = load(work / "unet.safetensors")
+        train_unet_phase(model, clip, args, demo_model, work, args.unet_steps, args.unet_lr, args.seed + 2, "unet")
+    elif phase == "unet_more":  # warm restarts: each cycle from the previous one's (EMA) weights, fresh batches
+        for cycle in range(1, args.unet_more_cycles + 1):
+            name = unet_cycle_name(cycle)
+            if (work / f"{name}.safetensors").is_file():
+                log.info("%s.safetensors is in %s already: cycle %d skipped", name, work, cycle)
+                continue
+            model, clip, _ = demo_model.build(None, seed=args.seed)
+            both = load(work / f"{unet_cycle_name(cycle - 1)}.safetensors")
             model.model.diffusion_model.load_state_dict(unprefixed("unet.", both))
             clip.cond_stage_model.load_state_dict(unprefixed("clip.", both))
-        vae = demo_model.build_vae(demo_model.VAE_CONFIG, load(work / "vae.safetensors"))
-        latents, stds, captions = encode_dataset(vae, args.seed, args.dataset_size)
-        log.info("latents %s std %.3f", tuple(latents.shape), float(latents.std()))
-        steps, lr, seed = ((args.unet_steps, args.unet_lr, args.seed + 2) if phase == "unet" else
-                           (args.unet_more_steps, args.unet_more_lr, args.seed + 102))
-        train_unet_cycle(model, clip, latents, stds, captions, seed, steps, work, lr=lr, name=phase)
-        save(work / f"{phase}.safetensors", {**prefixed("unet.", model.model.diffusion_model.state_dict()),
-                                             **prefixed("clip.", clip.cond_stage_model.state_dict())})
+            t1 = time.monotonic()
+            train_unet_phase(model, clip, args, demo_model, work, args.unet_more_steps, args.unet_more_lr,
+                             args.seed + 2 + 100 * cycle, name)
+            write_record(work, f"{name}_cycle", {"minutes": round((time.monotonic() - t1) / 60, 1),
+                                                 "threads": torch.get_num_threads()})
+        cycles = {unet_cycle_name(c): read_record(work, f"{unet_cycle_name(c)}_cycle")
+                  for c in range(1, args.unet_more_cycles + 1)}
+        record = {"unet_more_cycles_run": cycles, "unet_more_minutes": sum(v["minutes"] for v in cycles.values())}
     elif phase == "decoder":
         start = Path(args.decoder_init) if args.decoder_init else work / "vae.safetensors"
         vae = demo_model.build_vae(demo_model.VAE_CONFIG, load(start))
         if args.decoder_init:
             record["decoder_init"] = str(args.decoder_init)
         finetune_decoder(vae, args.seed + 3 + (100 if args.decoder_init else 0), args.decoder_steps, args.fg_weight,
-                         lr=args.decoder_lr, latent_noise=args.decoder_latent_noise)
+                         lr=args.decoder_lr, latent_noise=args.decoder_latent_noise, dark=args.decoder_dark_weight)
         record["decoder_latent_noise"] = args.decoder_latent_noise
+        record["decoder_dark_weight"] = args.decoder_dark_weight
         record["vae_reconstruction_accuracy_after_decoder"] = reconstruction_accuracy(vae)
         save(work / "vae_final.safetensors", vae.first_stage_model.state_dict())
-    record.update({f"{phase}_minutes": round((time.monotonic() - t0) / 60, 1), "threads": torch.get_num_threads()})
+    if phase != "unet_more":  # its minutes are the sum over its cycles, which may have run in several processes
+        record.update({f"{phase}_minutes": round((time.monotonic() - t0) / 60, 1), "threads": torch.get_num_threads()})
     write_record(work, phase, record)
     log.info("phase %s done: %s", phase, record)
 
 
 def assemble(args, demo_model, work):
-    both = load(work / "unet_more.safetensors")
+    both = load(work / f"{unet_cycle_name(args.unet_more_cycles)}.safetensors")
     model = demo_model.build_unet(demo_model.UNET_CONFIG, demo_model.NUM_HEADS, unprefixed("unet.", both))
     clip = demo_model.build_clip(demo_model.TEXT_CONFIG, unprefixed("clip.", both))
     vae = demo_model.build_vae(demo_model.VAE_CONFIG, load(work / "vae_final.safetensors"))
@@ -379,11 +421,12 @@ def assemble(args, demo_model, work):
               "vae_steps": args.vae_steps, "focus_crop_steps": args.focus_crop_steps, "focus_steps": args.focus_steps,
               "fg_weight": args.fg_weight, "unet_steps": args.unet_steps, "unet_lr": args.unet_lr,
               "unet_more_steps": args.unet_more_steps, "unet_more_lr": args.unet_more_lr,
-              "decoder_steps": args.decoder_steps}
+              "unet_more_cycles": args.unet_more_cycles, "decoder_steps": args.decoder_steps}
     for phase in PHASES:
         with open(work / f"record_{phase}.json") as f:
             phase_record = json.load(f)
-        phase_record[f"{phase}_threads"] = phase_record.pop("threads", None)
+        if "threads" in phase_record:
+            phase_record[f"{phase}_threads"] = phase_record.pop("threads")
         record.update(phase_record)
     record["minutes"] = round(sum(record.pop(f"{p}_minutes") for p in PHASES), 1)
     os.makedirs(args.out, exist_ok=True)
@@ -407,11 +450,16 @@ def main(argv=None):
     ap.add_argument("--unet-more-steps", type=int, default=3000,
                     help="phase unet_more: a second cosine cycle of UNet steps from the unet phase's EMA weights")
     ap.add_argument("--unet-more-lr", type=float, default=3e-4, help="peak learning rate of phase unet_more")
+    ap.add_argument("--unet-more-cycles", type=int, default=1,
+                    help="cosine cycles of phase unet_more, each from the previous one's EMA weights; a cycle "
+                         "whose weights are in --work already is skipped, so more cycles resume a finished run")
     ap.add_argument("--dataset-size", type=int, default=20000, help="images encoded for the UNet phase")
     ap.add_argument("--decoder-steps", type=int, default=300, help="decoder-only steps (batch 16)")
     ap.add_argument("--decoder-lr", type=float, default=3e-4, help="peak learning rate of the decoder phase")
     ap.add_argument("--decoder-latent-noise", type=float, default=0.0,
                     help="decoder phase: perturb latents by up to this many latent stds of Gaussian noise")
+    ap.add_argument("--decoder-dark-weight", type=float, default=1.0,
+                    help="decoder phase: loss weight of images on the dark background (1: as the light ones)")
     ap.add_argument("--decoder-init", default=None,
                     help="start the decoder phase from this VAE file (e.g. an earlier vae_final.safetensors; "
                          "its encoder must be the UNet's, i.e. vae.safetensors')")

@@ -2,6 +2,7 @@
 tiny step counts: their machinery, not the shipped model's quality (that is docs/demo_model.md)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -70,6 +71,17 @@ def test_foreground_weight_covers_the_shape_and_its_gaps():
     assert (train_teacher.foreground_weight(x, 1) == 1).all()
 
 
+def test_dark_weight_picks_the_dark_background_images():
+    import torch
+
+    from demo import dataset
+
+    imgs = [dataset.render(dataset.Scene("circle", "green", "solid", "center", bg)) for bg in ("light", "dark", "dark")]
+    x = torch.from_numpy(np.stack(imgs).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1)
+    assert train_teacher.dark_weight(x, 3.0).flatten().tolist() == [1.0, 3.0, 3.0]
+    assert (train_teacher.dark_weight(x, 1.0) == 1).all()
+
+
 def test_measure_reads_real_images_perfectly_and_every_row(host, comfy_base):
     import quality
 
@@ -90,10 +102,35 @@ def test_unet_more_continues_from_the_unet_phase(tmp_path, host):
         train_teacher.main([*TINY, "--phase", phase, "--work", str(work)])
     before = safetensors.torch.load_file(str(work / "unet.safetensors"))
     for lr, same in (("0", True), ("3e-4", False)):
+        (work / "unet_more.safetensors").unlink(missing_ok=True)  # a finished cycle is not rerun
         train_teacher.main([*TINY, "--phase", "unet_more", "--work", str(work), "--unet-more-lr", lr])
         after = safetensors.torch.load_file(str(work / "unet_more.safetensors"))
         assert before.keys() == after.keys()
         assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before) == same, lr
+
+
+def test_more_unet_cycles_resume_a_finished_run_and_assemble_the_last(tmp_path, host):
+    """`--unet-more-cycles 2` after a one-cycle run keeps cycle 1's file, trains cycle 2 from it
+    (unchanged at a zero learning rate), and assemble ships cycle 2's weights."""
+    work = tmp_path / "w"
+    train_teacher.main([*TINY, "--work", str(work), "--out", str(tmp_path / "one")])
+    first = safetensors.torch.load_file(str(work / "unet_more.safetensors"))
+    train_teacher.main([*TINY, "--phase", "unet_more", "--unet-more-cycles", "2", "--unet-more-lr", "0",
+                        "--work", str(work)])
+    assert all(np.array_equal(first[k].numpy(), v.numpy())
+               for k, v in safetensors.torch.load_file(str(work / "unet_more.safetensors")).items())
+    second = safetensors.torch.load_file(str(work / "unet_more_2.safetensors"))
+    assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+    (work / "unet_more_2.safetensors").unlink()
+    train_teacher.main([*TINY, "--phase", "unet_more", "--unet-more-cycles", "2", "--work", str(work)])
+    second = safetensors.torch.load_file(str(work / "unet_more_2.safetensors"))
+    assert not all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+    train_teacher.main([*TINY, "--phase", "assemble", "--unet-more-cycles", "2", "--work", str(work),
+                        "--out", str(tmp_path / "two")])
+    shipped = weights(tmp_path / "two")["demo_unet.safetensors"]
+    assert all(np.array_equal(second["unet." + k].half().numpy(), v.numpy()) for k, v in shipped.items())
+    record = json.loads((tmp_path / "two" / "teacher_train.json").read_text())
+    assert record["unet_more_cycles"] == 2 and set(record["unet_more_cycles_run"]) == {"unet_more", "unet_more_2"}
 
 
 def test_decoder_phase_continues_from_a_file_and_noise_changes_what_it_learns(tmp_path, host):
