@@ -18,7 +18,9 @@ Seeded phases, each reading and writing fp32 state in ``--work`` (default ``.hos
    batches: the first cycle's 2,000 steps were far from enough (docs/demo_model.md), and two cycles
    let the training be split across sessions on a shared machine.
 5. ``decoder``: the VAE decoder alone with the encoder frozen, so the latent space the UNet learnt
-   stays valid. It needs only phase 2, so it may run beside phases 3-4 (another process, another core).
+   stays valid: first with the shape-weighted loss, then longer with the images on the dark
+   background weighted more (:func:`dark_weight`: there the shapes decoded dim, and colours were
+   misread). It needs only phase 2, so it may run beside phases 3-4 (another process, another core).
 6. ``assemble``: the three weight sets into ``--out`` (default ``.host/demo_teacher``; ``make demo-model``
    writes demo/weights) as fp16 safetensors, with the merged training record ``teacher_train.json``.
 
@@ -401,9 +403,12 @@ def run_phase(phase, args, demo_model, work):
         if args.decoder_init:
             record["decoder_init"] = str(args.decoder_init)
         finetune_decoder(vae, args.seed + 3 + (100 if args.decoder_init else 0), args.decoder_steps, args.fg_weight,
-                         lr=args.decoder_lr, latent_noise=args.decoder_latent_noise, dark=args.decoder_dark_weight)
+                         lr=args.decoder_lr, latent_noise=args.decoder_latent_noise)
         record["decoder_latent_noise"] = args.decoder_latent_noise
-        record["decoder_dark_weight"] = args.decoder_dark_weight
+        if args.decoder_dark_steps:
+            record["vae_reconstruction_accuracy_after_decoder_plain"] = reconstruction_accuracy(vae)
+            finetune_decoder(vae, args.seed + 103, args.decoder_dark_steps, args.fg_weight, lr=args.decoder_lr,
+                             dark=args.decoder_dark_weight)
         record["vae_reconstruction_accuracy_after_decoder"] = reconstruction_accuracy(vae)
         save(work / "vae_final.safetensors", vae.first_stage_model.state_dict())
     if phase != "unet_more":  # its minutes are the sum over its cycles, which may have run in several processes
@@ -421,7 +426,8 @@ def assemble(args, demo_model, work):
               "vae_steps": args.vae_steps, "focus_crop_steps": args.focus_crop_steps, "focus_steps": args.focus_steps,
               "fg_weight": args.fg_weight, "unet_steps": args.unet_steps, "unet_lr": args.unet_lr,
               "unet_more_steps": args.unet_more_steps, "unet_more_lr": args.unet_more_lr,
-              "unet_more_cycles": args.unet_more_cycles, "decoder_steps": args.decoder_steps}
+              "unet_more_cycles": args.unet_more_cycles, "decoder_steps": args.decoder_steps,
+              "decoder_dark_steps": args.decoder_dark_steps, "decoder_dark_weight": args.decoder_dark_weight}
     for phase in PHASES:
         with open(work / f"record_{phase}.json") as f:
             phase_record = json.load(f)
@@ -454,12 +460,15 @@ def main(argv=None):
                     help="cosine cycles of phase unet_more, each from the previous one's EMA weights; a cycle "
                          "whose weights are in --work already is skipped, so more cycles resume a finished run")
     ap.add_argument("--dataset-size", type=int, default=20000, help="images encoded for the UNet phase")
-    ap.add_argument("--decoder-steps", type=int, default=300, help="decoder-only steps (batch 16)")
+    ap.add_argument("--decoder-steps", type=int, default=300, help="decoder-only steps, first stage (batch 16)")
     ap.add_argument("--decoder-lr", type=float, default=3e-4, help="peak learning rate of the decoder phase")
     ap.add_argument("--decoder-latent-noise", type=float, default=0.0,
                     help="decoder phase: perturb latents by up to this many latent stds of Gaussian noise")
-    ap.add_argument("--decoder-dark-weight", type=float, default=1.0,
-                    help="decoder phase: loss weight of images on the dark background (1: as the light ones)")
+    ap.add_argument("--decoder-dark-steps", type=int, default=1000,
+                    help="decoder phase, second stage: steps (batch 16) with the dark-background images weighted "
+                         "--decoder-dark-weight times, from the first stage's weights")
+    ap.add_argument("--decoder-dark-weight", type=float, default=3.0,
+                    help="loss weight of images on the dark background in the decoder's second stage")
     ap.add_argument("--decoder-init", default=None,
                     help="start the decoder phase from this VAE file (e.g. an earlier vae_final.safetensors; "
                          "its encoder must be the UNet's, i.e. vae.safetensors')")

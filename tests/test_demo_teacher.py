@@ -16,7 +16,8 @@ from demo import measure_teacher  # noqa: E402
 from demo import train_teacher  # noqa: E402
 
 TINY = ["--vae-crop-steps", "2", "--vae-steps", "1", "--focus-crop-steps", "1", "--focus-steps", "1",
-        "--unet-steps", "2", "--unet-more-steps", "2", "--decoder-steps", "1", "--dataset-size", "16", "--threads", "0"]
+        "--unet-steps", "2", "--unet-more-steps", "2", "--decoder-steps", "1", "--decoder-dark-steps", "1",
+        "--dataset-size", "16", "--threads", "0"]
 
 
 def weights(folder):
@@ -157,3 +158,5 @@ def test_decoder_phase_continues_from_a_file_and_noise_changes_what_it_learns(tm
     assert changed, "latent noise made no difference to the decoder"
     assert all(np.array_equal(before[k].numpy(), noisy[k].numpy()) for k in before if k.startswith("encoder."))
     assert '"decoder_latent_noise": 0.3' in (work / "record_decoder.json").read_text()
+    darker = decoder("--decoder-dark-weight", "10")
+    assert any(not np.array_equal(plain[k].numpy(), darker[k].numpy()) for k in before if k.startswith("decoder."))
