@@ -4,7 +4,7 @@
 #   make run    env, then ComfyUI with this pack on http://127.0.0.1:$(PORT) (base dir .host/base);
 #               WITH_TEST_NODES=1 also installs the test-only tiny model node (TDDTestTinyModel)
 #   make demo   env, then the shipped demo workflow in a headless ComfyUI: teacher vs TDD grid in out/
-#   make demo-model  rebuild the demo teacher (demo/train_teacher.py, ~2 h) and its TDD LoRA (demo/distill_demo.py)
+#   make demo-model  rebuild the demo teacher (demo/train_teacher.py, ~3.5 h) and its TDD LoRA (demo/distill_demo.py)
 #   make quality  env, then bench/quality.py --preset small: TDD vs TCD vs LCM students of the demo teacher
 #               (<= 45 min on 2 cores; out/quality_small/quality.md); QUALITY_PRESET=full writes docs/quality.md
 PORT ?= 8188

@@ -1,5 +1,5 @@
 """Train the embedded demo model (VAE, UNet + text encoder, VAE decoder) on the procedural shapes
-dataset: the recipe of the shipped weights in demo/weights (``make demo-model``, about 2 hours on 2
+dataset: the recipe of the shipped weights in demo/weights (``make demo-model``, about 3.5 hours on 2
 idle cores at ``--threads 2``). Model card and measurements: docs/demo_model.md.
 
     .venv/bin/python demo/train_teacher.py [--phase all|vae|vae_focus|unet|unet_more|decoder|assemble] [--threads 1]
@@ -14,9 +14,10 @@ Seeded phases, each reading and writing fp32 state in ``--work`` (default ``.hos
 3. ``unet``: the UNet with the text encoder on the VAE's latents (a fresh posterior sample per step),
    eps-prediction on the SD1.5 schedule, 10% empty prompts for classifier-free guidance, cosine lr
    and an EMA of the weights (saved every 500 steps to ``--work`` as ``unet_ema_<step>.safetensors``).
-4. ``unet_more``: a second cosine cycle (a warm restart) from the first one's EMA weights, with fresh
-   batches: the first cycle's 2,000 steps were far from enough (docs/demo_model.md), and two cycles
-   let the training be split across sessions on a shared machine.
+4. ``unet_more``: more cosine cycles (warm restarts, two by default), each from the previous one's
+   EMA weights, with fresh batches: the first cycle's 2,000 steps were far from enough
+   (docs/demo_model.md), and cycles let the training be split across sessions on a shared machine
+   (a cycle whose weights are in ``--work`` already is skipped).
 5. ``decoder``: the VAE decoder alone with the encoder frozen, so the latent space the UNet learnt
    stays valid: first with the shape-weighted loss, then longer with the images on the dark
    background weighted more (:func:`dark_weight`: there the shapes decoded dim, and colours were
@@ -454,9 +455,9 @@ def main(argv=None):
     ap.add_argument("--unet-steps", type=int, default=2000, help="UNet + text encoder steps (batch 64)")
     ap.add_argument("--unet-lr", type=float, default=5e-4, help="peak learning rate of the unet phase (cosine)")
     ap.add_argument("--unet-more-steps", type=int, default=3000,
-                    help="phase unet_more: a second cosine cycle of UNet steps from the unet phase's EMA weights")
+                    help="UNet steps of each cosine cycle of phase unet_more")
     ap.add_argument("--unet-more-lr", type=float, default=3e-4, help="peak learning rate of phase unet_more")
-    ap.add_argument("--unet-more-cycles", type=int, default=1,
+    ap.add_argument("--unet-more-cycles", type=int, default=2,
                     help="cosine cycles of phase unet_more, each from the previous one's EMA weights; a cycle "
                          "whose weights are in --work already is skipped, so more cycles resume a finished run")
     ap.add_argument("--dataset-size", type=int, default=20000, help="images encoded for the UNet phase")

@@ -114,7 +114,7 @@ def test_more_unet_cycles_resume_a_finished_run_and_assemble_the_last(tmp_path, 
     """`--unet-more-cycles 2` after a one-cycle run keeps cycle 1's file, trains cycle 2 from it
     (unchanged at a zero learning rate), and assemble ships cycle 2's weights."""
     work = tmp_path / "w"
-    train_teacher.main([*TINY, "--work", str(work), "--out", str(tmp_path / "one")])
+    train_teacher.main([*TINY, "--unet-more-cycles", "1", "--work", str(work), "--out", str(tmp_path / "one")])
     first = safetensors.torch.load_file(str(work / "unet_more.safetensors"))
     train_teacher.main([*TINY, "--phase", "unet_more", "--unet-more-cycles", "2", "--unet-more-lr", "0",
                         "--work", str(work)])
