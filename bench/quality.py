@@ -191,7 +191,8 @@ def train_student(student: Student, preset: Preset, data: Path, retrain: bool = 
     run_dir = WORK / "runs" / key
     argv = [*train_argv(student, preset), "--data", str(data), "--out", str(out), "--run-dir", str(run_dir),
             "--cache-dir", str(WORK / "latent_cache")]
-    if (run_dir / "latest").is_file() and not retrain:
+    resumed = (run_dir / "latest").is_file() and not retrain
+    if resumed:
         argv += ["--resume", str(run_dir)]
     log.info("%s: training %d steps x batch %d: trainer/distill.py %s", student.label, preset.train_steps,
              preset.batch, " ".join(argv))
@@ -200,10 +201,32 @@ def train_student(student: Student, preset: Preset, data: Path, retrain: bool = 
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if status != 0 or not out.is_file():
         raise RuntimeError(f"training the {student.label} student failed (exit status {status}); see the log above")
-    record = {"method": student.name, "argv": argv, "train_seconds": seconds, "train_cpu_seconds": cpu}
+    logged = training_seconds(run_dir)
+    record = {"method": student.name, "argv": argv, "train_seconds": logged if resumed and logged else seconds,
+              "train_cpu_seconds": cpu, "resumed": resumed}
     record_path.write_text(json.dumps(record, indent=1))
     log.info("%s: trained in %.0f s -> %s", student.label, seconds, out)
     return out, {**record, "cached": False}
+
+
+def training_seconds(run_dir: Path) -> float | None:
+    """Wall seconds of training behind a run's ``log.csv``, summed over its segments: ``elapsed_s``
+    restarts whenever the run is resumed (a long preset may span several sessions), and a resumed log
+    keeps its rows up to the checkpoint it resumed from, so work lost to an interruption is not
+    counted. None without a log."""
+    import csv
+
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return None
+    total = last = 0.0
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            elapsed = float(row["elapsed_s"])
+            if elapsed < last:
+                total += last
+            last = elapsed
+    return total + last
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,7 +617,8 @@ def write_doc(path: Path, runs, reference, records, plots, preset_name: str, pre
     for s, rec in records.items():
         lines.append(f"| train {s.label} ({preset.train_steps} x {preset.batch}) | "
                      f"{rec['train_seconds'] / 60:.1f} min | {rec.get('train_cpu_seconds', float('nan')) / 60:.1f} min"
-                     f"{' (cached: an earlier run)' if rec.get('cached') else ''} |")
+                     f"{' (cached: an earlier run)' if rec.get('cached') else ''}"
+                     f"{' (resumed: wall time summed over its sessions, CPU time of the last)' if rec.get('resumed') else ''} |")
     lines += [f"| {k} | {wall / 60:.1f} min | {cpu / 60:.1f} min |" for k, (wall, cpu) in timings.items()]
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -158,3 +158,13 @@ def test_cross_scores_credit_the_student_not_the_recipe():
     assert means["mixed", "lcm"] < 0.9
     text = quality_cross.table(rows)
     assert text.count("\n| mixed | ") == 3 and "| good | tdd | 100.0 [100.0, 100.0] |" in text
+
+
+def test_training_seconds_sum_the_segments_of_a_resumed_run(tmp_path):
+    """elapsed_s restarts at each resume: the student's cost is the sum of each segment's last value."""
+    assert quality.training_seconds(tmp_path) is None
+    (tmp_path / "log.csv").write_text("step,loss,lr,grad_norm,samples_per_s,elapsed_s\n"
+                                      "1,0.1,0,0,1,10\n2,0.1,0,0,1,20\n"  # first session, checkpoint at step 2
+                                      "3,0.1,0,0,1,5\n4,0.1,0,0,1,15\n"  # resumed
+                                      "5,0.1,0,0,1,3\n")  # resumed again
+    assert quality.training_seconds(tmp_path) == 20 + 15 + 3
