@@ -465,7 +465,7 @@ def main(argv=None):
     ap.add_argument("--decoder-lr", type=float, default=3e-4, help="peak learning rate of the decoder phase")
     ap.add_argument("--decoder-latent-noise", type=float, default=0.0,
                     help="decoder phase: perturb latents by up to this many latent stds of Gaussian noise")
-    ap.add_argument("--decoder-dark-steps", type=int, default=1000,
+    ap.add_argument("--decoder-dark-steps", type=int, default=2000,
                     help="decoder phase, second stage: steps (batch 16) with the dark-background images weighted "
                          "--decoder-dark-weight times, from the first stage's weights")
     ap.add_argument("--decoder-dark-weight", type=float, default=3.0,
