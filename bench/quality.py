@@ -27,6 +27,7 @@ Stages (same code path for every preset; the presets change sizes only):
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import datetime
 import hashlib
@@ -214,8 +215,6 @@ def training_seconds(run_dir: Path) -> float | None:
     restarts whenever the run is resumed (a long preset may span several sessions), and a resumed log
     keeps its rows up to the checkpoint it resumed from, so work lost to an interruption is not
     counted. None without a log."""
-    import csv
-
     path = run_dir / "log.csv"
     if not path.is_file():
         return None

@@ -352,12 +352,17 @@ def unet_cycle_name(cycle):
     return "unet" if cycle == 0 else "unet_more" if cycle == 1 else f"unet_more_{cycle}"
 
 
-def train_unet_phase(model, clip, args, demo_model, work, steps, lr, seed, name):
-    """One cosine cycle of UNet training on the focused VAE's latents, written to ``work/<name>.safetensors``."""
+def unet_data(args, demo_model, work):
+    """The UNet phases' training set: the dataset encoded by the focused VAE (latents, stds, captions)."""
     vae = demo_model.build_vae(demo_model.VAE_CONFIG, load(work / "vae.safetensors"))
     latents, stds, captions = encode_dataset(vae, args.seed, args.dataset_size)
-    log.info("%s: latents %s std %.3f", name, tuple(latents.shape), float(latents.std()))
-    train_unet_cycle(model, clip, latents, stds, captions, seed, steps, work, lr=lr, name=name)
+    log.info("latents %s std %.3f", tuple(latents.shape), float(latents.std()))
+    return latents, stds, captions
+
+
+def train_unet_phase(model, clip, data, work, steps, lr, seed, name):
+    """One cosine cycle of UNet training on ``data`` (:func:`unet_data`), written to ``work/<name>.safetensors``."""
+    train_unet_cycle(model, clip, *data, seed, steps, work, lr=lr, name=name)
     save(work / f"{name}.safetensors", {**prefixed("unet.", model.model.diffusion_model.state_dict()),
                                         **prefixed("clip.", clip.cond_stage_model.state_dict())})
 
@@ -379,8 +384,10 @@ def run_phase(phase, args, demo_model, work):
         save(work / "vae.safetensors", vae.first_stage_model.state_dict())
     elif phase == "unet":
         model, clip, _ = demo_model.build(None, seed=args.seed)
-        train_unet_phase(model, clip, args, demo_model, work, args.unet_steps, args.unet_lr, args.seed + 2, "unet")
+        train_unet_phase(model, clip, unet_data(args, demo_model, work), work, args.unet_steps, args.unet_lr,
+                         args.seed + 2, "unet")
     elif phase == "unet_more":  # warm restarts: each cycle from the previous one's (EMA) weights, fresh batches
+        data = None  # encoded once, and only if a cycle is left to run
         for cycle in range(1, args.unet_more_cycles + 1):
             name = unet_cycle_name(cycle)
             if (work / f"{name}.safetensors").is_file():
@@ -390,8 +397,10 @@ def run_phase(phase, args, demo_model, work):
             both = load(work / f"{unet_cycle_name(cycle - 1)}.safetensors")
             model.model.diffusion_model.load_state_dict(unprefixed("unet.", both))
             clip.cond_stage_model.load_state_dict(unprefixed("clip.", both))
+            if data is None:
+                data = unet_data(args, demo_model, work)
             t1 = time.monotonic()
-            train_unet_phase(model, clip, args, demo_model, work, args.unet_more_steps, args.unet_more_lr,
+            train_unet_phase(model, clip, data, work, args.unet_more_steps, args.unet_more_lr,
                              args.seed + 2 + 100 * cycle, name)
             write_record(work, f"{name}_cycle", {"minutes": round((time.monotonic() - t1) / 60, 1),
                                                  "threads": torch.get_num_threads()})
@@ -430,8 +439,7 @@ def assemble(args, demo_model, work):
               "unet_more_cycles": args.unet_more_cycles, "decoder_steps": args.decoder_steps,
               "decoder_dark_steps": args.decoder_dark_steps, "decoder_dark_weight": args.decoder_dark_weight}
     for phase in PHASES:
-        with open(work / f"record_{phase}.json") as f:
-            phase_record = json.load(f)
+        phase_record = read_record(work, phase)
         if "threads" in phase_record:
             phase_record[f"{phase}_threads"] = phase_record.pop("threads")
         record.update(phase_record)
