@@ -12,6 +12,7 @@ PY := .venv/bin/python
 PYTEST_ARGS ?=
 WITH_TEST_NODES ?=
 QUALITY_PRESET ?= small
+QUALITY_JOBS ?= 2
 
 .PHONY: env test run demo demo-model quality
 
@@ -38,4 +39,4 @@ demo-model: env
 	$(PY) demo/distill_demo.py
 
 quality: env
-	$(PY) bench/quality.py --preset $(QUALITY_PRESET)
+	$(PY) bench/quality.py --preset $(QUALITY_PRESET) --jobs $(QUALITY_JOBS)

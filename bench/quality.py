@@ -12,6 +12,7 @@ Stages (same code path for every preset; the presets change sizes only):
    preset's steps x batch. Methods: ``tdd``, ``tcd``, ``lcm``, and ``tdd --adversarial`` when the
    trainer has that flag. Students are cached under ``.host/quality/`` by a fingerprint of their
    settings, the teacher weights and the data, so re-runs skip training.
+   ``--jobs 2`` (``make quality``) trains them two at a time in child processes, one core each.
 2. **sample** through the real ComfyUI host loaded in this process, with the pack's and ComfyUI's
    nodes as a user wires them (SamplerCustomAdvanced; see :data:`RECIPES`): every student at 2, 4, 6
    and 8 steps with its method's recommended settings, the teacher alone at 2, 4, 8 and 25 euler
@@ -36,6 +37,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,7 +59,9 @@ import quality_metrics as qm  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
-WORK = REPO / ".host" / "quality"
+#: Students, run dirs, data and the bench's ComfyUI base dir (``TDD_QUALITY_WORK`` moves it; the
+#: ``--jobs`` child processes inherit it).
+WORK = Path(os.environ.get("TDD_QUALITY_WORK") or REPO / ".host" / "quality")
 TRAIN_CONFIG = REPO / "demo" / "distill_demo.toml"
 TEACHER_WEIGHTS = REPO / "demo" / "weights"
 DATA_SEED = 0          # the students' training images (as demo/distill_demo.py)
@@ -542,6 +546,12 @@ def wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width)
 
 
+def side_note(record: dict) -> str:
+    """The cost table's note for a student trained by one of ``--jobs`` child processes."""
+    jobs = record.get("side_by_side")
+    return f" (trained {jobs} at a time, one core each)" if jobs else ""
+
+
 def write_doc(path: Path, runs, reference, records, plots, preset_name: str, preset: Preset, students,
               timings: dict) -> None:
     attrs = [k for k in reference["real images of the prompts"] if k not in ("mean", "fd", "saturated", "saturation")]
@@ -617,6 +627,7 @@ def write_doc(path: Path, runs, reference, records, plots, preset_name: str, pre
         lines.append(f"| train {s.label} ({preset.train_steps} x {preset.batch}) | "
                      f"{rec['train_seconds'] / 60:.1f} min | {rec.get('train_cpu_seconds', float('nan')) / 60:.1f} min"
                      f"{' (cached: an earlier run)' if rec.get('cached') else ''}"
+                     f"{side_note(rec)}"
                      f"{' (resumed: wall time summed over its sessions, CPU time of the last)' if rec.get('resumed') else ''} |")
     lines += [f"| {k} | {wall / 60:.1f} min | {cpu / 60:.1f} min |" for k, (wall, cpu) in timings.items()]
     lines.append("")
@@ -636,12 +647,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--retrain", action="store_true", help="train the students again even when cached")
     ap.add_argument("--samples", type=int, help="override the preset's number of evaluation prompts")
     ap.add_argument("--train-steps", type=int, help="override the preset's training steps")
+    ap.add_argument("--methods", help="comma-separated subset of the students to train (names: tdd, tcd, lcm, "
+                                      "tdd_adv); with --train-only, to train students side by side, one process "
+                                      "per core, before the run that samples them all")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (or find cached) the students, then stop: no sampling, scoring or report")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train the students in this many processes side by side (one thread each; 2 on 2 "
+                         "cores halves the training stage), then sample them all in this one")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1; 0: torch's choice). The demo model's operations are too "
                          "small to gain from threads, and on cores shared with other busy processes the threads "
                          "of one operation wait for each other: a training step took 25x longer with 2 threads "
                          "than with 1 here")
     return ap.parse_args(argv)
+
+
+def select_students(students: list[Student], methods: str | None) -> list[Student]:
+    """The students named in ``methods`` (comma-separated), in the bench's order; all when None."""
+    if not methods:
+        return students
+    wanted = [m.strip() for m in methods.split(",") if m.strip()]
+    known = {s.name for s in students}
+    unknown = [m for m in wanted if m not in known]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return [s for s in students if s.name in wanted]
+
+
+def share_out(students: list[Student], jobs: int) -> list[list[Student]]:
+    """The students dealt round-robin to ``jobs`` training processes (no empty share)."""
+    return [share for share in (students[i::jobs] for i in range(max(jobs, 1))) if share]
+
+
+def train_side_by_side(students: list[Student], args) -> None:
+    """Train the students in ``args.jobs`` child processes (``--train-only --methods <share>``), each
+    writing its own log next to the run dirs; the students land in the cache this run then reads."""
+    procs = []
+    for share in share_out(students, args.jobs):
+        names = ",".join(s.name for s in share)
+        argv = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--train-only",
+                "--methods", names, "--threads", str(args.threads)]
+        if args.train_steps:
+            argv += ["--train-steps", str(args.train_steps)]
+        if args.retrain:
+            argv.append("--retrain")
+        log_path = WORK / f"train_{args.preset}_{names.replace(',', '_')}.log"
+        log.info("training %s in a child process (log: %s)", names, log_path)
+        with open(log_path, "w") as f:
+            procs.append((names, log_path, subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)))
+    failed = [(names, path) for names, path, proc in procs if proc.wait() != 0]
+    if failed:
+        raise RuntimeError("training failed for " + "; ".join(f"{n} (see {p})" for n, p in failed))
 
 
 def resolve_preset(args) -> Preset:
@@ -664,6 +721,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     preset = resolve_preset(args)
+    if args.methods and not args.train_only:
+        raise SystemExit("--methods only goes with --train-only: the report compares every method")
+    select_students(available_students(), args.methods)  # an unknown name fails before the host loads
     if args.threads:
         import torch
 
@@ -672,13 +732,22 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else default_out
     t0 = clock()
     host = Host()  # before the trainer imports comfy: the in-process host owns ComfyUI's set-up
-    students = available_students()
+    students = select_students(available_students(), args.methods)
     log.info("preset %s: %s; methods: %s", args.preset, preset, ", ".join(s.label for s in students))
     data = write_data(preset)
     records, models = {}, {}
+    retrain, side_by_side = args.retrain, args.jobs > 1 and not args.train_only and len(students) > 1
+    if side_by_side:
+        train_side_by_side(students, args)
+        retrain = False  # the children just trained them
     for s in students:
-        path, records[s] = train_student(s, preset, data, args.retrain)
+        path, records[s] = train_student(s, preset, data, retrain)
+        if side_by_side:
+            records[s] = {**records[s], "cached": False, "side_by_side": args.jobs}
         models[s] = (host.with_lora(path), path)
+    if args.train_only:
+        log.info("trained: %s", ", ".join(f"{s.label} ({records[s]['train_seconds'] / 60:.1f} min)" for s in students))
+        return 0
     t_sample = clock()
     prompts = eval_prompts(preset.samples)
     runs = sample_all(host, models, prompts, preset)

@@ -54,6 +54,47 @@ def test_too_few_samples_is_refused():
         quality.resolve_preset(quality.parse_args(["--preset", "smoke", "--samples", "1"]))
 
 
+def test_methods_pick_a_subset_and_name_the_choices():
+    students = quality.available_students()
+    assert [s.name for s in quality.select_students(students, "lcm, tdd")] == ["tdd", "lcm"]  # the bench's order
+    assert quality.select_students(students, None) == students
+    with pytest.raises(SystemExit, match="unknown sdxl; choose from .*lcm.*tcd.*tdd"):
+        quality.select_students(students, "tdd,sdxl")
+    with pytest.raises(SystemExit, match="only goes with --train-only"):
+        quality.main(["--preset", "smoke", "--methods", "tdd"])  # refused before the host loads
+
+
+def test_students_are_dealt_round_robin():
+    students = quality.available_students()
+    shares = quality.share_out(students, 2)
+    assert sorted(s.name for share in shares for s in share) == sorted(s.name for s in students)
+    assert [s.name for s in shares[0]][:2] == ["tdd", "lcm"]
+    assert len(quality.share_out(students[:1], 4)) == 1  # no empty process
+    assert len(quality.share_out(students, 1)) == 1
+
+
+def test_side_by_side_training_fills_the_cache(tmp_path, monkeypatch, comfy_base):
+    """--jobs 2: two child processes train a student each into the cache the parent then reads; a child
+    that fails names its log."""
+    monkeypatch.setenv("TDD_QUALITY_WORK", str(tmp_path))
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    preset = quality.PRESETS["smoke"]
+    data = quality.write_data(preset)
+    students = quality.select_students(quality.available_students(), "tcd,lcm")
+    args = quality.parse_args(["--preset", "smoke", "--jobs", "2"])
+    quality.train_side_by_side(students, args)
+    for s in students:
+        key = quality.student_key(s, preset)
+        assert (tmp_path / "students" / f"{key}.safetensors").is_file(), s.name
+        assert (tmp_path / f"train_smoke_{s.name}.log").is_file()
+        _, record = quality.train_student(s, preset, data)
+        assert record["cached"] and record["train_seconds"] > 0
+    bogus = quality.Student("nope", "Nope", ("--method", "nope"), "tdd")
+    with pytest.raises(RuntimeError, match="training failed for nope .see .*train_smoke_nope.log"):
+        quality.train_side_by_side([bogus], args)
+    assert "unknown nope" in (tmp_path / "train_smoke_nope.log").read_text()
+
+
 @pytest.fixture(scope="module")
 def bench_host(host, comfy_base):
     return quality.Host(comfy_base)
