@@ -209,3 +209,24 @@ def test_training_seconds_sum_the_segments_of_a_resumed_run(tmp_path):
                                       "3,0.1,0,0,1,5\n4,0.1,0,0,1,15\n"  # resumed
                                       "5,0.1,0,0,1,3\n")  # resumed again
     assert quality.training_seconds(tmp_path) == 20 + 15 + 3
+
+
+def test_ablation_variants_share_the_bench_students_and_differ_by_their_flag():
+    """bench/quality_ablate.py: its plain tdd/lcm variants are the bench's students (one cache), each other
+    variant is the bench's TDD student plus one trainer flag the trainer accepts; an unknown name is refused."""
+    import quality_ablate
+    from trainer.config import TrainConfig, parse_args
+
+    preset = quality.PRESETS["small"]
+    bench = {s.name: s for s in quality.available_students()}
+    for name in ("tdd", "lcm"):
+        assert quality.student_key(quality_ablate.variant_student(name), preset) == quality.student_key(bench[name], preset)
+    keys = {quality.student_key(quality_ablate.variant_student(v), preset) for v in quality_ablate.VARIANTS}
+    assert len(keys) == len(quality_ablate.VARIANTS)
+    for name, (_, flags, _) in quality_ablate.VARIANTS.items():
+        cfg = parse_args(["--config", str(quality.TRAIN_CONFIG), "--data", "d", "--out", "o.safetensors", *flags])
+        assert isinstance(cfg, TrainConfig), name
+    assert parse_args(["--config", str(quality.TRAIN_CONFIG), "--data", "d", "--out", "o.safetensors",
+                         *quality_ablate.VARIANTS["tdd_eta0"][1]]).eta_max == 0.0
+    with pytest.raises(SystemExit, match="unknown 'sdxl'"):
+        quality_ablate.variant_student("sdxl")
