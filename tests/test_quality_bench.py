@@ -166,12 +166,14 @@ def test_report_from_constructed_runs(tmp_path):
     doc = tmp_path / "quality.md"
     students = [s for s in quality.STUDENTS if s.name in ("tdd", "lcm")]
     records = {s: {"train_seconds": 60.0, "train_cpu_seconds": 50.0, "cached": False} for s in students}
+    records[students[1]] = {**records[students[1]], "cached": True, "side_by_side": 2}
     quality.write_doc(doc, runs, reference, records, plots, "smoke", preset, students,
                       {"sampling (all configurations)": (1.0, 1.0)})
     text = doc.read_text()
     for label, steps in [("teacher", 25), ("TDD", 2), ("TDD", 8), ("LCM", 6)]:
         assert f"| {label} | {steps} | " in text
     assert f"| {quality.TDD_GUIDANCE} (recommended) |" in text and "| 3.0 |" in text
+    assert text.count("(trained 2 at a time, one core each)") == 1 and text.count("(cached: an earlier run)") == 1
     for path in plots.values():
         assert path.is_file() and path.stat().st_size > 10_000
         assert f"]({path.relative_to(tmp_path)})" in text
