@@ -6,7 +6,7 @@
 #   make demo   env, then the shipped demo workflow in a headless ComfyUI: teacher vs TDD grid in out/
 #   make demo-model  rebuild the demo teacher (demo/train_teacher.py, ~3.5 h) and its TDD LoRA (demo/distill_demo.py)
 #   make quality  env, then bench/quality.py --preset small: TDD vs TCD vs LCM students of the demo teacher
-#               (<= 45 min on 2 cores; out/quality_small/quality.md); QUALITY_PRESET=full (~2 h) writes docs/quality.md
+#               (19 min on 2 cores, students trained 2 at a time; out/quality_small/quality.md); QUALITY_PRESET=full (~2 h) writes docs/quality.md
 PORT ?= 8188
 PY := .venv/bin/python
 PYTEST_ARGS ?=
