@@ -319,6 +319,10 @@ class Host:
                     self.run("BasicScheduler", model=lcm_model, scheduler="sgm_uniform", steps=steps, denoise=1.0)[0])
         raise ValueError(f"unknown recipe {kind!r}")
 
+    def encode_chunks(self, captions: list[str], chunk: int) -> list:
+        """:meth:`encode` of ``captions`` in batches of ``chunk`` (one sampler call each)."""
+        return [self.encode(captions[i:i + chunk]) for i in range(0, len(captions), chunk)]
+
     def generate(self, kind: str, model, steps: int, chunks: list, guidance: float | None = None) -> np.ndarray:
         """uint8 ``(N, 64, 64, 3)`` images (SaveImage's conversion) for the conditioned chunks; chunk c
         starts from RandomNoise(NOISE_SEED + c)."""
@@ -349,7 +353,7 @@ class Run:
 
 def sample_all(host: Host, students: dict, prompts: Prompts, preset: Preset) -> list[Run]:
     """The teacher baselines, every student at every step count, and the TDD guidance sweep."""
-    chunks = [host.encode(prompts.captions[i:i + preset.chunk]) for i in range(0, len(prompts.captions), preset.chunk)]
+    chunks = host.encode_chunks(prompts.captions, preset.chunk)
     plan = [("teacher", "teacher", "teacher", host.model, s, None) for s in TEACHER_STEPS]
     for student, (model, _) in students.items():
         plan += [(student.name, student.label, student.recipe, model, s, None) for s in STUDENT_STEPS]
@@ -378,15 +382,21 @@ def score(runs: list[Run], prompts: Prompts, preset: Preset) -> dict:
     net = classifier.load()
     labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
     n = len(prompts.scenes)
-    real = np.stack([dataset.sample(REAL_SEED, i)[0] for i in range(n)])
     real_prompted = np.stack([dataset.sample(PROMPT_SEED, i)[0] for i in range(n)])
-    _, real_feats = classifier.read(net, real)
+    real_feats = real_features(net, n)
     teacher25 = next(r for r in runs if r.method == "teacher" and r.steps == max(TEACHER_STEPS))
     _, teacher_feats = classifier.read(net, teacher25.images)
     reference = {"real images of the prompts": score_images(net, real_prompted, labels, real_feats, None, preset)}
     for r in runs:
         r.metrics = score_images(net, r.images, labels, real_feats, teacher_feats, preset)
     return reference
+
+
+def real_features(net, n: int) -> np.ndarray:
+    """The classifier's features of ``n`` real dataset images (seed ``REAL_SEED``): the Frechet reference."""
+    from demo import classifier, dataset
+
+    return classifier.read(net, np.stack([dataset.sample(REAL_SEED, i)[0] for i in range(n)]))[1]
 
 
 def accuracy(net, images, labels, n_boot: int) -> tuple[dict, np.ndarray]:
@@ -723,7 +733,7 @@ def main(argv=None) -> int:
     preset = resolve_preset(args)
     if args.methods and not args.train_only:
         raise SystemExit("--methods only goes with --train-only: the report compares every method")
-    select_students(available_students(), args.methods)  # an unknown name fails before the host loads
+    students = select_students(available_students(), args.methods)  # an unknown name fails before the host loads
     if args.threads:
         import torch
 
@@ -732,7 +742,6 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else default_out
     t0 = clock()
     host = Host()  # before the trainer imports comfy: the in-process host owns ComfyUI's set-up
-    students = select_students(available_students(), args.methods)
     log.info("preset %s: %s; methods: %s", args.preset, preset, ", ".join(s.label for s in students))
     data = write_data(preset)
     records, models = {}, {}

@@ -65,10 +65,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     students = [variant_student(v.strip()) for v in args.variants.split(",") if v.strip()]
     steps = [int(s) for s in args.steps.split(",")]
-    import numpy as np
     import torch
 
-    from demo import classifier, dataset
+    from demo import classifier
 
     torch.set_num_threads(1)
     preset = quality.PRESETS[args.preset]
@@ -82,11 +81,10 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
     prompts = quality.eval_prompts(preset.samples)
-    chunks = [host.encode(prompts.captions[i:i + preset.chunk]) for i in range(0, preset.samples, preset.chunk)]
+    chunks = host.encode_chunks(prompts.captions, preset.chunk)
     net = classifier.load()
     labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
-    real = np.stack([dataset.sample(quality.REAL_SEED, i)[0] for i in range(preset.samples)])
-    _, real_feats = classifier.read(net, real)
+    real_feats = quality.real_features(net, preset.samples)
     rows = []
     for s, (path, _) in trained.items():
         model = host.with_lora(path)

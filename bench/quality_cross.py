@@ -66,7 +66,7 @@ def main(argv=None):
     host = quality.Host()
     data = quality.write_data(preset)
     prompts = quality.eval_prompts(n)
-    chunks = [host.encode(prompts.captions[i:i + preset.chunk]) for i in range(0, n, preset.chunk)]
+    chunks = host.encode_chunks(prompts.captions, preset.chunk)
     students = {s.label: host.with_lora(quality.train_student(s, preset, data)[0])
                 for s in quality.available_students() if s.name in args.methods.split(",")}
     labels = {k: v.numpy() for k, v in classifier.labels(prompts.scenes).items()}
