@@ -4,7 +4,7 @@
 #   make run    env, then ComfyUI with this pack on http://127.0.0.1:$(PORT) (base dir .host/base);
 #               WITH_TEST_NODES=1 also installs the test-only tiny model node (TDDTestTinyModel)
 #   make demo   env, then the shipped demo workflow in a headless ComfyUI: teacher vs TDD grid in out/
-#   make demo-model  rebuild the demo teacher (demo/train_teacher.py, ~3.5 h) and its TDD LoRA (demo/distill_demo.py)
+#   make demo-model  rebuild the demo teacher (demo/build_teacher.sh, ~3.6 h) and its TDD LoRA (demo/distill_demo.py, ~35 min)
 #   make quality  env, then bench/quality.py --preset small: TDD vs TCD vs LCM students of the demo teacher
 #               (19 min on 2 cores, students trained 2 at a time; out/quality_small/quality.md); QUALITY_PRESET=full (~2 h) writes docs/quality.md
 PORT ?= 8188
@@ -35,7 +35,7 @@ demo: env
 	$(PY) demo/run_demo.py
 
 demo-model: env
-	$(PY) demo/train_teacher.py --threads 2 --out demo/weights
+	PY="$(CURDIR)/$(PY)" bash demo/build_teacher.sh --out demo/weights
 	$(PY) demo/distill_demo.py
 
 quality: env

@@ -1,6 +1,7 @@
 """Train the embedded demo model (VAE, UNet + text encoder, VAE decoder) on the procedural shapes
-dataset: the recipe of the shipped weights in demo/weights (``make demo-model``, about 3.5 hours on 2
-idle cores at ``--threads 2``). Model card and measurements: docs/demo_model.md.
+dataset: the recipe of the shipped weights in demo/weights (``make demo-model`` runs the phases with
+demo/build_teacher.sh: about 3.6 hours on 2 idle cores, bench/teacher_cost.py). Model card and
+measurements: docs/demo_model.md.
 
     .venv/bin/python demo/train_teacher.py [--phase all|vae|vae_focus|unet|unet_more|decoder|assemble] [--threads 1]
 
@@ -451,7 +452,8 @@ def assemble(args, demo_model, work):
     log.info("demo weights written to %s: %s", args.out, record)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the shipped recipe (bench/teacher_cost.py reads them)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--phase", choices=("all", *PHASES, "assemble"), default="all")
     ap.add_argument("--vae-crop-steps", type=int, default=1600, help="VAE steps on 32x32 crops (batch 32)")
@@ -488,7 +490,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / ".host" / "demo_teacher"),
                     help="where assemble writes the three weight files (a folder for --weights of "
                          "demo/measure_teacher.py; copy them to demo/weights to ship them)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

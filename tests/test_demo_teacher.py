@@ -160,3 +160,71 @@ def test_decoder_phase_continues_from_a_file_and_noise_changes_what_it_learns(tm
     assert '"decoder_latent_noise": 0.3' in (work / "record_decoder.json").read_text()
     darker = decoder("--decoder-dark-weight", "10")
     assert any(not np.array_equal(plain[k].numpy(), darker[k].numpy()) for k in before if k.startswith("decoder."))
+
+
+def test_teacher_cost_counts_the_shipped_recipe():
+    """bench/teacher_cost.py projects `make demo-model` from train_teacher.py's defaults: 8,000 UNet steps
+    (2,000 + two cycles of 3,000), 2,300 decoder steps, the dataset encoded by both UNet phases."""
+    import teacher_cost
+
+    counts = teacher_cost.recipe_counts(train_teacher.parser().parse_args([]))
+    assert counts == {"vae": {"vae_crop": 1600, "vae_full": 300}, "vae_focus": {"vae_crop": 800, "vae_full": 200},
+                      "unet": {"unet": 8000, "encode": 2 * 313}, "decoder": {"decoder": 2300}}
+
+
+def test_teacher_cost_projects_both_schedules():
+    import teacher_cost
+
+    counts = {"vae": {"vae_crop": 10, "vae_full": 5}, "vae_focus": {"vae_crop": 5, "vae_full": 0},
+              "unet": {"unet": 100, "encode": 0}, "decoder": {"decoder": 40}}
+    alone2 = {"vae_crop": 1.0, "vae_full": 2.0, "unet": 1.0, "decoder": 1.0, "encode": 1.0}
+    alone1 = {"unet": 1.5, "decoder": 1.5}
+    side = {**alone2, "unet": 2.0, "decoder": 2.0}
+    wall = teacher_cost.project(counts, alone2, alone1, side)
+    vae = 10 + 10 + 5
+    assert wall["serial x2"] == vae + 100 + 40
+    # decoder 80 s side by side; the UNet does 40 steps meanwhile, then 60 more alone at 1.5 s
+    assert wall["parallel x1"] == vae + 80 + 60 * 1.5
+    # a UNet that ends first: the decoder's side-by-side time is the wall
+    assert teacher_cost.project({**counts, "unet": {"unet": 10, "encode": 0}}, alone2, alone1, side)["parallel x1"] \
+        == vae + 80
+
+
+@pytest.mark.parametrize("kind", ["unet", "decoder"])
+def test_teacher_cost_times_the_real_step_code(kind, host):
+    import teacher_cost
+
+    seconds = teacher_cost.time_kind(kind, 1)
+    assert 0 < seconds < 120
+
+
+def run_build_teacher(tmp_path, *extra):
+    import os
+    import subprocess
+
+    args = [a for a in TINY if a not in ("--threads", "0")]
+    return subprocess.run(["bash", str(harness.REPO / "demo" / "build_teacher.sh"), *args, "--work", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "out"), *extra], env={**os.environ, "PY": sys.executable},
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_build_teacher_runs_each_phase_at_its_recorded_threads(tmp_path):
+    """`make demo-model`'s schedule: VAE phases at 2 threads, then the UNet phases and the decoder phase
+    side by side at 1 thread each (the shipped record's threads), assembled into --out."""
+    proc = run_build_teacher(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "teacher_train.json").read_text())
+    assert (record["vae_threads"], record["vae_focus_threads"], record["unet_threads"], record["decoder_threads"]) \
+        == (2, 2, 1, 1)
+    assert record["unet_more_cycles_run"]["unet_more_2"]["threads"] == 1
+    weights(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_build_teacher_fails_when_the_decoder_phase_fails_and_keeps_the_unet(tmp_path):
+    proc = run_build_teacher(tmp_path, "--decoder-init", str(tmp_path / "missing.safetensors"))
+    assert proc.returncode != 0
+    assert "the decoder phase failed" in proc.stderr and "rerun only the failed one" in proc.stderr
+    assert (tmp_path / "w" / "unet_more_2.safetensors").is_file()  # the UNet side finished and is kept
+    assert not (tmp_path / "out").exists()
