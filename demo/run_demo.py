@@ -94,29 +94,30 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    base = harness.make_base_dir(tempfile.mkdtemp(prefix="tdd_demo_"), with_test_pack=False)
-    with harness.ComfyServer(base) as server:
-        log.info("ComfyUI with the TDD pack: %s", server.url)
-        api = workflow_tools.to_api(workflow_tools.load(REPO / "workflows" / "tdd_demo.json"), server.object_info())
-        teacher, student = branch(api, "tdd_demo/teacher"), branch(api, "tdd_demo/tdd")
-        run_one(server, teacher)  # warm-up: loads the model and the LoRA once
-        run_one(server, student)
-        rows, labels, times = [], [], {title: [] for title, _ in COLUMNS}
-        for text in PROMPTS:
-            for seed in args.seeds:
-                row = []
-                for title, steps in COLUMNS:
-                    graph = {k: {**v, "inputs": dict(v["inputs"])} for k, v in (teacher if steps is None else student).items()}
-                    prompt_node(graph)["inputs"]["text"] = text
-                    set_inputs(graph, "KSampler", seed=seed)
-                    set_inputs(graph, "RandomNoise", noise_seed=seed)
-                    if steps is not None:
-                        set_inputs(graph, "TDDScheduler", steps=steps)
-                    img, seconds = run_one(server, graph)
-                    row.append(img)
-                    times[title].append(seconds)
-                rows.append(row)
-                labels.append(f"{text} (seed {seed})")
+    with tempfile.TemporaryDirectory(prefix="tdd_demo_") as tmp:  # the server's base dir, removed afterwards
+        base = harness.make_base_dir(tmp, with_test_pack=False)
+        with harness.ComfyServer(base) as server:
+            log.info("ComfyUI with the TDD pack: %s", server.url)
+            api = workflow_tools.to_api(workflow_tools.load(REPO / "workflows" / "tdd_demo.json"), server.object_info())
+            teacher, student = branch(api, "tdd_demo/teacher"), branch(api, "tdd_demo/tdd")
+            run_one(server, teacher)  # warm-up: loads the model and the LoRA once
+            run_one(server, student)
+            rows, labels, times = [], [], {title: [] for title, _ in COLUMNS}
+            for text in PROMPTS:
+                for seed in args.seeds:
+                    row = []
+                    for title, steps in COLUMNS:
+                        graph = {k: {**v, "inputs": dict(v["inputs"])} for k, v in (teacher if steps is None else student).items()}
+                        prompt_node(graph)["inputs"]["text"] = text
+                        set_inputs(graph, "KSampler", seed=seed)
+                        set_inputs(graph, "RandomNoise", noise_seed=seed)
+                        if steps is not None:
+                            set_inputs(graph, "TDDScheduler", steps=steps)
+                        img, seconds = run_one(server, graph)
+                        row.append(img)
+                        times[title].append(seconds)
+                    rows.append(row)
+                    labels.append(f"{text} (seed {seed})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, labels).save(out)

@@ -151,3 +151,20 @@ def test_demo_loader_takes_no_server_path(server, tmp_path):
     assert status == 400, payload
     text = str(payload["node_errors"])
     assert "weights" in text and repr(SHIPPED) in text and repr(USER) in text and "not an allowed value" in text
+
+
+@pytest.mark.slow
+def test_make_demo_writes_its_grid_and_leaves_no_server_folder(tmp_path, monkeypatch):
+    """`make demo` (demo/run_demo.py) end to end: its own ComfyUI server, the grid of teacher vs TDD,
+    the speed-up; the server's temporary base directory is removed afterwards."""
+    import tempfile
+
+    from demo import run_demo
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert run_demo.main(["--seeds", "0", "--out", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.height > 4 * 64 and grid.width > 3 * 64  # 4 prompts x 1 seed, 3 columns
+    assert list(scratch.iterdir()) == []
