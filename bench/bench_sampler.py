@@ -93,7 +93,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
 
-    nodes = harness.inprocess_host(tempfile.mkdtemp(prefix="tdd_bench_"))
+    base = tempfile.TemporaryDirectory(prefix="tdd_bench_")  # removed when the process ends
+    nodes = harness.inprocess_host(base.name)
     import comfy.samplers
 
     pack = harness.pack_module()
