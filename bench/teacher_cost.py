@@ -20,8 +20,8 @@ It then projects the whole recipe under two schedules and prints their ratio:
 * ``serial x2``: every phase one after the other at ``--threads 2`` (``--phase all``);
 * ``parallel x1``: the VAE phases at 2 threads, then the UNet phases (1 thread) and the decoder
   phase (1 thread) at once in two processes, as the shipped weights were made (the record
-  demo/weights/teacher_train.json names each phase's threads, and float sums, so the weights, are
-  bit-identical only at the same threads).
+  demo/weights/teacher_train.json names each phase's threads; float sums, so the weights, depend on
+  them).
 
 Projections leave out what costs seconds (checkpoints, the classifier's progress figures). The
 machine is shared: numbers move from run to run, the ratios less.

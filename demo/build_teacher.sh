@@ -4,9 +4,9 @@
 #   2. phases unet + unet_more (1 thread) and, beside them in a second process, phase decoder
 #      (1 thread): the decoder needs only vae_focus's output, and neither touches the other's files;
 #   3. assemble into --out.
-# Each phase runs at the thread count demo/weights/teacher_train.json records for it, so the weights
-# come out bit-identical to the shipped ones on the same torch. bench/teacher_cost.py measures this
-# schedule against running every phase at 2 threads one after the other.
+# Each phase runs at the thread count demo/weights/teacher_train.json records for it (float sums, so
+# the weights, depend on it; a rebuild still differs from the shipped bits, docs/demo_model.md).
+# bench/teacher_cost.py measures this schedule against every phase at 2 threads one after the other.
 #   bash demo/build_teacher.sh [demo/train_teacher.py options, e.g. --out demo/weights --work DIR]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
