@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # demo/ and trainer/, imported where used (the children load ComfyUI)
 KINDS = ("vae_crop", "vae_full", "unet", "decoder", "encode")
 log = logging.getLogger("bench.teacher_cost")
 
@@ -78,7 +79,6 @@ def project(counts: dict[str, dict[str, int]], alone2: dict, alone1: dict, side:
 def time_kind(kind: str, steps: int) -> float:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from demo import train_teacher as tt
     from trainer.models import ensure_host
 
@@ -147,7 +147,6 @@ def main(argv=None) -> int:
         print(json.dumps({"seconds_per_step": time_kind(args.child, args.steps)}))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.path.insert(0, str(REPO))
     from demo import train_teacher as tt
 
     counts = recipe_counts(tt.parser().parse_args([]))

@@ -3,6 +3,8 @@ tiny step counts: their machinery, not the shipped model's quality (that is docs
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -199,9 +201,6 @@ def test_teacher_cost_times_the_real_step_code(kind, host):
 
 
 def run_build_teacher(tmp_path, *extra):
-    import os
-    import subprocess
-
     args = [a for a in TINY if a not in ("--threads", "0")]
     return subprocess.run(["bash", str(harness.REPO / "demo" / "build_teacher.sh"), *args, "--work", str(tmp_path / "w"),
                            "--out", str(tmp_path / "out"), *extra], env={**os.environ, "PY": sys.executable},
