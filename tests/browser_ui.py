@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,26 @@ MISSING_NODES_DIALOG = '[role=dialog][aria-labelledby="global-missing-nodes"]'
 TEMPLATES_DIALOG = '[role=dialog][aria-labelledby="global-workflow-template-selector"]'
 ERROR_DIALOG = '[role=dialog][aria-labelledby="global-error"]'
 SEARCH_PLACEHOLDER = "Search Nodes..."
+# What a failure report records of the page: open dialogs, toasts, the element on top at the
+# canvas centre (what a click there would hit) and the focused element.
+UI_STATE_JS = """() => {
+    const describe = (el) => el ? `${el.tagName.toLowerCase()}${el.id ? '#' + el.id : ''}${
+        typeof el.className === 'string' && el.className ? '.' + el.className.trim().split(/\\s+/).slice(0, 4).join('.') : ''}` : null;
+    const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+    const canvas = document.getElementById('graph-canvas');
+    const r = canvas ? canvas.getBoundingClientRect() : null;
+    const onTop = (fx, fy) => r ? describe(document.elementFromPoint(r.left + r.width * fx, r.top + r.height * fy)) : null;
+    return {
+        dialogs: [...document.querySelectorAll('[role=dialog]')].filter(visible)
+            .map(d => d.getAttribute('aria-labelledby') || describe(d)),
+        toasts: [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText.slice(0, 120)),
+        on_top_at_centre: onTop(0.5, 0.5),
+        on_top_at_search_spot: onTop(0.45, 0.6),
+        active_element: describe(document.activeElement),
+        canvas_rect: r ? [r.left, r.top, r.width, r.height] : null,
+        nodes: window.app?.graph?.nodes?.length ?? null,
+    };
+}"""
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,15 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
 
 
+def new_context(browser, returning_user: bool = True):
+    """A browser context (its own local storage) at VIEWPORT. A returning user has dismissed the
+    "Introducing Nodes 2.0" banner (the frontend keeps that in local storage); a first-time user sees it."""
+    context = browser.new_context(viewport=VIEWPORT)
+    if returning_user:
+        context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    return context
+
+
 class Frontend:
     """One browser page on the ComfyUI server at ``url``; screenshots go to ``shots``."""
 
@@ -86,12 +116,37 @@ class Frontend:
         self.shots = Path(shots)
         self.shots.mkdir(parents=True, exist_ok=True)
         self.console: list[ConsoleEntry] = []
+        self.console_log: list[str] = []  # every console message and page error, for a failure's report
         self.page.on("console", self._on_console)
-        self.page.on("pageerror", lambda err: self.console.append(ConsoleEntry("pageerror", str(err), "")))
+        self.page.on("pageerror", self._on_pageerror)
 
     def _on_console(self, msg) -> None:
+        url = (msg.location or {}).get("url", "")
+        self.console_log.append(f"{time.strftime('%H:%M:%S')} [{msg.type}] {msg.text} ({url})")
         if msg.type == "error":
-            self.console.append(ConsoleEntry("error", msg.text, (msg.location or {}).get("url", "")))
+            self.console.append(ConsoleEntry("error", msg.text, url))
+
+    def _on_pageerror(self, err) -> None:
+        self.console_log.append(f"{time.strftime('%H:%M:%S')} [pageerror] {err}")
+        self.console.append(ConsoleEntry("pageerror", str(err), ""))
+
+    def write_failure_report(self, name: str) -> list[Path]:
+        """A screenshot and the page's console log, ``<name>.png`` / ``<name>.console.txt`` in the
+        screenshot folder: what a CI failure is read from."""
+        written = []
+        log_path = self.shots / f"{name}.console.txt"
+        state = ""
+        try:
+            state = json.dumps(self.js(UI_STATE_JS), indent=1)
+        except Exception as exc:  # the page may be gone; the log is still worth writing
+            state = f"(UI state unavailable: {exc})"
+        log_path.write_text(f"UI state at failure:\n{state}\n\nConsole:\n" + "\n".join(self.console_log) + "\n")
+        written.append(log_path)
+        try:
+            written.append(self.shot(name))
+        except Exception as exc:
+            log.warning("no failure screenshot for %s: %s", name, exc)
+        return written
 
     # -- app ---------------------------------------------------------------------------------------
     def open(self, timeout_s: float = 90.0) -> "Frontend":
@@ -99,6 +154,53 @@ class Frontend:
         self.page.goto(self.url, timeout=timeout_s * 1000)
         self.page.wait_for_function(READY_JS, timeout=timeout_s * 1000)
         return self
+
+    def settle(self, timeout_ms: float = 10_000) -> None:
+        """Bring the page to the known state a test starts from: no node search box, no dialog, no
+        toast, nothing selected, keyboard focus on the canvas. Raises when a dialog will not close."""
+        search = self.page.get_by_placeholder(SEARCH_PLACEHOLDER)
+        if search.count() and search.first.is_visible():
+            search.first.fill("")  # closing it with text typed makes the frontend log an error of its own
+        for _ in range(5):  # a dialog can open another on close (the search box, a confirmation)
+            if not self.open_dialogs():
+                break
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(200)
+        if self.open_dialogs():
+            raise AssertionError(f"dialogs still open after Escape: {self.open_dialogs()}")
+        self.js("""() => { app.extensionManager.toast.removeAll(); app.canvas.deselectAll();
+                          app.canvas.canvas.focus(); }""")
+        self.page.wait_for_function("() => document.querySelectorAll('.p-toast-message').length === 0",
+                                    timeout=timeout_ms)
+
+    def open_dialogs(self) -> list[str]:
+        return self.js("""() => [...document.querySelectorAll('[role=dialog]')]
+            .filter(d => d.offsetWidth || d.offsetHeight || d.getClientRects().length)
+            .map(d => d.getAttribute('aria-labelledby') || d.className)""")
+
+    def double_click(self, x: float, y: float, interval_ms: float = 80.0, delivery_gap_s: float = 0.0) -> None:
+        """A user's double-click at page point (x, y), stamped with the time the clicks happen.
+
+        The canvas takes two presses as a double-click when their events' timestamps are less than
+        Comfy.Pointer.DoubleClickTime (300 ms) apart. A person's clicks carry the time the input
+        happened. Playwright's ``dblclick`` sends four events one after another from its driver
+        process, and the browser stamps each when it arrives: on a loaded machine (the full suite on
+        2 cores, the server computing beside it) the driver can be descheduled between them, the
+        presses arrive more than 300 ms apart and nothing opens. Here the events go through the
+        DevTools protocol with their own timestamps, ``interval_ms`` apart, whenever they arrive;
+        ``delivery_gap_s`` delays the second click's delivery as such a machine would (for the test)."""
+        cdp = self.page.context.new_cdp_session(self.page)
+        try:
+            t0 = time.time()
+            for i, (kind, count) in enumerate([("mousePressed", 1), ("mouseReleased", 1),
+                                               ("mousePressed", 2), ("mouseReleased", 2)]):
+                if i == 2 and delivery_gap_s:
+                    time.sleep(delivery_gap_s)
+                cdp.send("Input.dispatchMouseEvent", {
+                    "type": kind, "x": x, "y": y, "button": "left", "buttons": 1 if kind == "mousePressed" else 0,
+                    "clickCount": count, "timestamp": t0 + (i // 2) * interval_ms / 1000 + (i % 2) * 0.01})
+        finally:
+            cdp.detach()
 
     def js(self, expression: str, arg=None):
         return self.page.evaluate(expression, arg)

@@ -40,6 +40,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.server)
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the item (``item.rep_setup``, ``rep_call``, ``rep_teardown``), so a
+    fixture's teardown can tell whether its test failed (the browser tests then write a report)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     base = os.environ.get("TDD_TEST_BASE_DIR")
