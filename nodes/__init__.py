@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .distill import TDDDistill
 from .demo_loader import TDDDemoCheckpointLoader, register_demo_lora_folder, register_demo_weights_folder
 from .guidance import TDDGuidance
 from .lora_loader import TDDLoraLoader
@@ -12,7 +13,7 @@ from .scheduler import TDDScheduler
 from .x0_clip import TDDX0Clip
 
 NODES: list[type[io.ComfyNode]] = [TDDScheduler, TDDSampler, TDDGuidance, TDDX0Clip, TDDLoraLoader,
-                                   TDDDemoCheckpointLoader]
+                                   TDDDemoCheckpointLoader, TDDDistill]
 
 
 class TDDExtension(ComfyExtension):

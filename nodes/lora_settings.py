@@ -37,14 +37,28 @@ GUIDANCE_RANGE = (0.0, 100.0)
 
 #: The TDD LoRA Loader's extra outputs, after MODEL, CLIP and info (wire them into TDD Scheduler's
 #: steps, TDD Sampler's eta, TDD Guidance's scale or FluxGuidance's guidance).
-OUTPUTS = [
-    io.Int.Output("steps", tooltip="Recommended steps (the file's metadata, else its model family); wire it into "
-                                   "TDD Scheduler steps or KSampler steps."),
-    io.Float.Output("eta", tooltip="Recommended eta; wire it into TDD Sampler eta. FLUX: 0 (the reference's Euler)."),
-    io.Float.Output("guidance", tooltip="Recommended guidance: CFG scale for TDD Guidance / KSampler (SDXL), "
-                                        "FluxGuidance's guidance (FLUX), VideoLinearCFGGuidance min_cfg (SVD)."),
-]
+def outputs(id_prefix: str = "") -> list:
+    """The three outputs; ``id_prefix`` makes their ids unique on a node that also has such inputs
+    (TDD Distill's ``steps``), their names stay steps / eta / guidance."""
+    return [
+        io.Int.Output(id_prefix + "steps", display_name="steps",
+                      tooltip="Recommended steps (the file's metadata, else its model family); wire it into "
+                              "TDD Scheduler steps or KSampler steps."),
+        io.Float.Output(id_prefix + "eta", display_name="eta",
+                        tooltip="Recommended eta; wire it into TDD Sampler eta. FLUX: 0 (the reference's Euler)."),
+        io.Float.Output(id_prefix + "guidance", display_name="guidance",
+                        tooltip="Recommended guidance: CFG scale for TDD Guidance / KSampler (SDXL), "
+                                "FluxGuidance's guidance (FLUX), VideoLinearCFGGuidance min_cfg (SVD)."),
+    ]
+
+
+OUTPUTS = outputs()
 NAMES = ("steps", "eta", "guidance")
+
+#: Later models on FLUX.1's host class, which are not FLUX.1. Looked up by name: an older host lacks
+#: the newer ones (ComfyUI 0.3.52 has Chroma but no Flux2), and a class it lacks is a family it lacks.
+LATER_FLUX = tuple(cls for cls in (getattr(comfy.model_base, name, None) for name in ("Flux2", "Chroma"))
+                   if isinstance(cls, type))
 
 
 @dataclass(frozen=True)
@@ -71,8 +85,7 @@ class Recommended:
 def model_family(model) -> str | None:
     """The released-TDD family of a host ModelPatcher's model: "sdxl", "flux", "svd" or None."""
     base = model.model
-    later_flux = (comfy.model_base.Flux2, comfy.model_base.Chroma)  # other models on FLUX's class
-    if isinstance(base, comfy.model_base.Flux) and not isinstance(base, later_flux):
+    if isinstance(base, comfy.model_base.Flux) and not isinstance(base, LATER_FLUX):
         return "flux"
     if isinstance(base, comfy.model_base.SVD_img2vid):
         return "svd"

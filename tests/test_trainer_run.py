@@ -237,3 +237,38 @@ def test_gradient_checkpointing_recomputes_the_unet_layers():
 def test_bf16_autocast_on_cpu(train_images, tmp_path, tiny_sd15):
     r = train(cfg(train_images, tmp_path, precision="bf16", max_steps=1), components=tiny_sd15)
     assert r["status"] == "done" and 0 < r["losses"][0] < 10
+
+
+class HostCancel(Exception):
+    """What a host raises inside the model to cancel (ComfyUI: InterruptProcessingException)."""
+
+
+def test_host_cancel_mid_step_checkpoints_the_last_step_and_resumes_exactly(tiny_sd15, train_images, tmp_path):
+    """An exception of ``interrupts`` raised inside the model during step 3 drops that step, saves the
+    checkpoint of step 2, returns "interrupted"; the resume equals an uninterrupted run. ``on_step``
+    sees every completed step's row."""
+    settings = dict(max_steps=4, save_every=100, batch_size=1, lr_schedule="warmup", warmup_steps=3)
+    straight = train(cfg(train_images, tmp_path / "a", **settings), components=tiny_sd15)
+    rows, calls = [], {"n": 0}
+    unet = tiny_sd15[0].model.diffusion_model
+
+    def cancel_in_step_3(module, args):
+        calls["n"] += 1
+        if len(rows) == 2 and calls["n"] > 1:  # inside step 3, after some layers ran
+            raise HostCancel()
+
+    hook = unet.register_forward_pre_hook(cancel_in_step_3)
+    try:
+        first = train(cfg(train_images, tmp_path / "b", **settings), components=tiny_sd15,
+                      on_step=lambda run, row: rows.append(row["step"]), interrupts=(HostCancel,))
+    finally:
+        hook.remove()
+    assert first["status"] == "interrupted" and first["step"] == 2 and rows == [1, 2]
+    assert first["checkpoint"].endswith("checkpoint-000002") and first["out"] is None
+    assert not (tmp_path / "b" / "lora.safetensors").exists()
+    second = train(cfg(train_images, tmp_path / "b", **settings, resume=str(tmp_path / "b" / "run")),
+                   components=tiny_sd15)
+    assert torch.allclose(torch.tensor(first["losses"] + second["losses"]), torch.tensor(straight["losses"]), rtol=1e-5)
+    a, b = lora_tensors(tmp_path / "a" / "lora.safetensors"), lora_tensors(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [int(r["step"]) for r in read_log(tmp_path / "b" / "run")] == [1, 2, 3, 4]

@@ -179,9 +179,14 @@ def _as_teacher(components, cfg, dtype, device) -> models.Teacher:
     return models.from_components(*components[:3])
 
 
-def train(cfg: TrainConfig, components=None) -> dict:
+def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = ()) -> dict:
     """Run (or resume) a distillation. ``components``: a :class:`trainer.models.Teacher` or a
-    ``(model, clip, vae)`` triple to use instead of loading ``cfg.teacher``.
+    ``(model, clip, vae)`` triple to use instead of loading ``cfg.teacher``. ``on_step(run, row)``
+    is called after every optimizer step with the log row (progress for a host such as ComfyUI);
+    it may call ``run.request_stop()``: the run then checkpoints and returns "interrupted" as on SIGTERM.
+    ``interrupts``: exception types a host raises inside the model to cancel at once (ComfyUI checks
+    its Cancel flag in every layer): the step in progress is dropped and the last completed one is
+    checkpointed, so a resume continues exactly.
 
     Returns ``{"status": "done"|"interrupted", "step", "out", "checkpoint", "losses", "skipped_images"}``.
     """
@@ -193,6 +198,7 @@ def train(cfg: TrainConfig, components=None) -> dict:
     cfg.resolve_accumulation()
     try:
         run = Run(cfg, components, ddp)
+        run.on_step, run.interrupts = on_step, tuple(interrupts)
         try:
             run.resume()
             return run.run()
@@ -255,6 +261,11 @@ class Run:
                          else torch.autocast(self.device.type, enabled=False))
         self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
         self.stop, self.logger, self.bar = _StopFlag(), None, None
+        self.on_step, self.interrupts = None, ()
+
+    def request_stop(self) -> None:
+        """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
+        self.stop.set = True
 
     # ---- resume ------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -367,11 +378,11 @@ class Run:
                 "samples_per_s": cfg.global_batch / max(time.perf_counter() - t0, 1e-9)}
 
     # ---- checkpoints and validation ----------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, rng: dict | None = None) -> Path | None:
         path = None
         if self.main:
             state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                     "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(), "step": self.step,
+                     "scaler": self.scaler.state_dict(), "rng": rng or checkpoint.rng_state(), "step": self.step,
                      "samples_seen": self.step * self.cfg.global_batch, "fingerprint": self.fp}
             if self.disc is not None:
                 state.update(discriminator=self.disc.heads.state_dict(), disc_optimizer=self.disc_opt.state_dict())
@@ -403,6 +414,7 @@ class Run:
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
+                                     "tdd_run_fingerprint": self.fp,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {})})
         atomic_save_safetensors(teacher.lora_file_keys(self.network.kohya_state_dict(DTYPES[cfg.save_dtype])),
                                 self.out_path, meta)
@@ -419,11 +431,23 @@ class Run:
         t_start = time.perf_counter()
         status, last_ckpt = "done", None
         while self.step < cfg.max_steps:
-            row = self.train_step()
+            rng_at_start = checkpoint.rng_state() if self.interrupts else None
+            try:
+                row = self.train_step()
+            except self.interrupts as e:  # the host cancelled mid-step: keep the last completed step
+                for o in (self.opt, self.disc_opt):
+                    if o is not None:
+                        o.zero_grad(set_to_none=True)
+                status, last_ckpt = "interrupted", self.save_checkpoint(rng=rng_at_start)
+                log.warning("cancelled (%s) during step %d; checkpoint %s of step %d", type(e).__name__,
+                            self.step + 1, last_ckpt, self.step)
+                break
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.logger.row(**row, elapsed_s=time.perf_counter() - t_start)
+            if self.on_step is not None:
+                self.on_step(self, row)
             stopping = self.ddp.any(self.stop.set)
             if stopping or self.step % cfg.save_every == 0:
                 last_ckpt = self.save_checkpoint()
