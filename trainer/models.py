@@ -293,14 +293,14 @@ class Teacher:
         VAE's own latent space (see :meth:`latent_in`). The host's encode returns the posterior's mode; here its
         Gaussian regulariser is bypassed for one call to get both moments. A VAE without one (deterministic
         encoder) gives log-variance -inf: every draw is the mean."""
-        from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer, EmptyRegularizer
+        import comfy.ldm.models.autoencoder as autoencoder
 
         fsm = self.vae.first_stage_model
         reg = getattr(fsm, "regularization", None)
-        if not isinstance(reg, DiagonalGaussianRegularizer):
+        if not isinstance(reg, autoencoder.DiagonalGaussianRegularizer):
             mean = self.vae.encode(pixels.movedim(1, -1).float()).float().cpu()
             return mean, torch.full_like(mean, float("-inf"))
-        fsm.regularization = EmptyRegularizer()
+        fsm.regularization = _PassThrough()
         try:
             moments = self.vae.encode(pixels.movedim(1, -1).float()).float().cpu()
         finally:
@@ -316,6 +316,14 @@ class Teacher:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 latents -> images [B, H, W, 3] in [0, 1]."""
         return self.vae.decode(self.model.process_latent_out(x0.float().cpu())).float().clamp(0, 1).cpu()
+
+
+class _PassThrough(torch.nn.Module):
+    """A regulariser that returns the encoder's moments as they are (the host's EmptyRegularizer,
+    which ComfyUI 0.3.52 does not have)."""
+
+    def forward(self, z):
+        return z, None
 
 
 FLUX_FILES_HINT = ("pass the diffusion model as --unet with its text encoders and VAE: --unet flux1-dev.safetensors "
