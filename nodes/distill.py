@@ -174,6 +174,9 @@ def loss_history(run_dir: str) -> list[float]:
 
 
 class TDDDistill(TDDNode):
+    # checked before the prompt runs: the folder list (the other combos have fixed options and are
+    # checked, with lora_name and the numbers, when the node starts, each error naming its input)
+    VALIDATED = ("images",)
     INPUT_HINTS = {"images": "put a folder of images (with same-named .txt captions) under ComfyUI's input "
                              "directory and refresh (R) the node list"}
 
@@ -242,15 +245,6 @@ class TDDDistill(TDDNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        checked = super().validate_inputs(**values)
-        name = values.get("lora_name")
-        problem = lora_name_problem(name) if isinstance(name, str) else None
-        if problem:
-            return problem if checked is True else f"{checked}; {problem}"
-        return checked
-
-    @classmethod
     def execute(cls, **inputs) -> io.NodeOutput:
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd, and tensors made in
         # inference mode (the loaded weights, the schedule) can't be saved for backward
@@ -261,6 +255,8 @@ class TDDDistill(TDDNode):
     def distill(cls, model, clip, vae, images, method, preset, steps, batch, lr, rank, seed, resolution,
                 lora_name, resume, overwrite, gradient_checkpointing=False, precision="auto",
                 base_dtype="auto") -> io.NodeOutput:
+        cls.check_values(method=method, preset=preset, steps=steps, batch=batch, lr=lr, rank=rank, seed=seed,
+                         resolution=resolution, precision=precision, base_dtype=base_dtype)
         problem = lora_name_problem(lora_name)
         if problem:
             raise ValueError(f"TDD Distill: {problem}")

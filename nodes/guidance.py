@@ -36,6 +36,8 @@ class TDDGuider(comfy.samplers.CFGGuider):
 
 
 class TDDGuidance(TDDNode):
+    VALIDATED = ("guidance_start", "guidance_end")  # the interval between them
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -66,13 +68,11 @@ class TDDGuidance(TDDNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values):
-        checked = super().validate_inputs(**values)
-        start, end = values.get("guidance_start"), values.get("guidance_end")
-        if checked is True and start is not None and end is not None and not start <= end:
-            return (f"guidance interval [{start}, {end}] is invalid: use "
+    def cross_check(cls, guidance_start=None, guidance_end=None, **_) -> str | None:
+        if guidance_start is not None and guidance_end is not None and not guidance_start <= guidance_end:
+            return (f"guidance interval [{guidance_start}, {guidance_end}] is invalid: use "
                     "0 <= guidance_start <= guidance_end <= 1 (0 and 1 guide every step)")
-        return checked
+        return None
 
     @classmethod
     def execute(cls, model, positive, negative, scale, guidance_start, guidance_end, rescale) -> io.NodeOutput:

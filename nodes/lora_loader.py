@@ -144,6 +144,7 @@ class TDDLoraLoader(TDDNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+        cls.check_values(strength_model=strength_model, strength_clip=strength_clip)
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"TDD LoRA '{lora_name}' was not found in models/loras; put the file there and "

@@ -1,16 +1,20 @@
-"""Refuse bad widget values before a prompt runs: what the pinned host lets through.
+"""Refuse bad widget values, naming only the input that is wrong.
 
-ComfyUI 0.3.75 does not check the values of V3 combo inputs, and it passes NaN and infinite floats
-(JSON from scripts can carry them). A TDD node's ``validate_inputs`` runs :func:`check_schema`,
-which checks every widget value it receives against the node's own schema: combos against their
-options, numbers against min/max and finiteness. Naming inputs in ``validate_inputs`` turns off the
-host's own min/max check for them, so the range check lives here too. Linked inputs arrive as None
-at validation time (their value is not known yet); the nodes whose inputs take linked numbers (TDD
-Scheduler, Sampler and Guidance, fed e.g. by the TDD LoRA Loader's settings) check them again when
-they execute (:meth:`TDDNode.check_values`).
+How the host validates a prompt (ComfyUI 0.3.52 to 0.3.75 alike): it checks number inputs against
+their min/max itself, each error naming its input, but only for inputs a node's ``validate_inputs``
+does not take. Whatever ``validate_inputs`` returns is reported on every input it takes. It does not
+check the values of V3 combo inputs, and it lets NaN and infinite floats through (JSON from scripts
+can carry them).
+
+So a TDD node's ``validate_inputs`` takes only the inputs the host can't check (``VALIDATED``: by
+default the node's combos, checked against their options by :func:`check_schema`), and the host's
+own min/max check stays on for every number. Numbers that arrive through links, and NaN/infinite
+values, are checked when the node executes (:meth:`TDDNode.check_values`), with the input named in
+the message.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 from comfy_api.latest import io
@@ -63,20 +67,51 @@ def check_schema(schema: io.Schema, values: dict, hints: dict | None = None) -> 
 
 
 class TDDNode(io.ComfyNode):
-    """Base of the pack's nodes: ``validate_inputs`` checks every widget value against the schema.
+    """Base of the pack's nodes: ``validate_inputs`` checks the ``VALIDATED`` inputs (default: the
+    combos) against the schema, plus :meth:`cross_check`; it takes exactly those inputs, so the host
+    reports a failure on them alone and checks every other number's range itself.
 
     ``INPUT_HINTS`` adds a fix to a combo's message (e.g. where the files of a file list live)."""
 
     INPUT_HINTS: dict = {}
+    VALIDATED: tuple[str, ...] | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("validate_inputs")
+        if own is not None and getattr(getattr(own, "__func__", None), "tdd_signature", False):
+            return  # the host's per-run copy of a node class: already set up
+        names = cls.VALIDATED
+        if names is None:
+            names = tuple(spec.id for spec in cls.define_schema().inputs if isinstance(spec, io.Combo.Input))
+
+        def validate_inputs(cls, **values) -> bool | str:
+            return cls.check_inputs(**values)
+
+        P = inspect.Parameter
+        validate_inputs.tdd_signature = True
+        validate_inputs.__signature__ = inspect.Signature(
+            [P("cls", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in names])
+        cls.validate_inputs = classmethod(validate_inputs)
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_schema(cls.define_schema(), values, cls.INPUT_HINTS)
+    def check_inputs(cls, **values) -> bool | str:
+        checked = check_schema(cls.define_schema(), values, cls.INPUT_HINTS)
+        if checked is not True:
+            return checked
+        return cls.cross_check(**values) or True
+
+    @classmethod
+    def cross_check(cls, **values) -> str | None:
+        """A problem between the validated inputs' values (None: none); for nodes to override."""
+        return None
 
     @classmethod
     def check_values(cls, **values) -> None:
-        """The same check at execution, for values that arrived through links (e.g. the TDD LoRA
-        Loader's recommended settings), which validation could not see."""
-        checked = cls.validate_inputs(**values)
+        """The check at execution, for numbers that arrived through links (e.g. the TDD LoRA Loader's
+        recommended settings) and NaN/infinite values, which validation could not see."""
+        checked = check_schema(cls.define_schema(), values, cls.INPUT_HINTS)
+        if checked is True:
+            checked = cls.cross_check(**values) or True
         if checked is not True:
             raise ValueError(f"{cls.define_schema().display_name}: {checked}")

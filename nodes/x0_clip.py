@@ -52,6 +52,7 @@ class TDDX0Clip(TDDNode):
 
     @classmethod
     def execute(cls, model, mode, clip_steps, ratio, max_value) -> io.NodeOutput:
+        cls.check_values(clip_steps=clip_steps, ratio=ratio, max_value=max_value)
         patched = model.clone()
         if clip_steps > 0:
             patched.set_model_sampler_post_cfg_function(x0_clip_patch(mode, clip_steps, ratio, max_value))

@@ -1,16 +1,20 @@
-"""Bad values the pinned host lets through, refused by the TDD nodes themselves, over HTTP.
+"""Bad values refused, naming only the input that is wrong, over HTTP.
 
-ComfyUI 0.3.75 does not check V3 combo values and passes NaN and infinite floats (JSON from a
-script can carry them). Every widget input of every TDD node gets its bad values here, taken from
-the server's own /object_info (so a new input is covered the day it appears); every link input
-gets a link of the wrong type. Each prompt must be refused before it runs, with a message naming the
-input and what is allowed, and the server must keep serving.
+Every widget input of every TDD node gets its bad values here, taken from the server's own
+/object_info (so a new input is covered the day it appears); every link input gets a link of the
+wrong type. Out-of-range numbers, unknown combo choices and wrong links are refused before the
+prompt runs, each error naming that one input (the host's min/max check, the nodes' combo checks);
+NaN and infinite floats, which the host lets through, fail when the node runs, the message naming
+the input. The guidance interval's two ends are checked together: an error there names both. The
+server keeps serving.
 """
 from __future__ import annotations
 
 import math
 
 import pytest
+
+import harness
 
 from test_server_tdd import TDD_NODES, image_of, tdd_graph
 
@@ -66,29 +70,44 @@ def test_every_tdd_node_input_is_covered(info):
     assert set(TDD_NODES) <= set(NODES)
 
 
-def refusal(server, node: str, name: str, value) -> str:
-    graph = graph_for(node)
-    graph[NODE_IN_GRAPH[node]]["inputs"][name] = value
-    status, payload = server.queue(graph)
-    assert status == 400, f"{node}.{name} = {value!r} was accepted: {payload}"
-    errors = payload["node_errors"][NODE_IN_GRAPH[node]]["errors"]
-    return " | ".join(f"{e['type']}: {e['message']}: {e['details']}" for e in errors)
+GUIDANCE_INTERVAL = {"guidance_start", "guidance_end"}
 
 
-def test_bad_values_are_refused_before_running_naming_input_and_allowed_values(server, info):
-    before = len(server.history())
+def refused_inputs(payload, node_id: str) -> tuple[set, str]:
+    errors = payload["node_errors"][node_id]["errors"]
+    return ({e["extra_info"]["input_name"] for e in errors},
+            " | ".join(f"{e['type']}: {e['message']}: {e['details']}" for e in errors))
+
+
+def test_bad_values_are_refused_naming_only_the_wrong_input(server, info):
+    before, ran = len(server.history()), 0
     for node, name, value in cases(info):
-        text = refusal(server, node, name, value)
-        if value is WRONG_LINK:
-            assert "return_type_mismatch" in text and name in text, text
+        graph = graph_for(node)
+        node_id = NODE_IN_GRAPH[node]
+        graph[node_id]["inputs"][name] = value
+        status, payload = server.queue(graph)
+        non_finite = isinstance(value, float) and not math.isfinite(value)
+        if status == 400:
+            named, text = refused_inputs(payload, node_id)
+            expected = GUIDANCE_INTERVAL if node == "TDDGuidance" and name in GUIDANCE_INTERVAL else {name}
+            assert named == expected, f"{node}.{name} = {value!r}: errors name {named}: {text}"
+            if value is WRONG_LINK:
+                assert "return_type_mismatch" in text, text
+                continue
+            kind, opts = info[node]["input"].get("required", {}).get(name) or info[node]["input"]["optional"][name]
+            if kind == "COMBO":  # ... and what is allowed
+                assert f"{name} = " in text and "allowed: " in text and repr(opts["options"][0]) in text, text
+            elif not non_finite:
+                assert ("min of" in text or "max of" in text or f"{opts['min']} to {opts['max']}" in text), text
             continue
-        assert f"{name} = " in text, text  # names the input ...
-        kind, opts = info[node]["input"].get("required", {}).get(name) or info[node]["input"]["optional"][name]
-        if kind == "COMBO":  # ... and what is allowed
-            assert "allowed: " in text and repr(opts["options"][0]) in text, text
-        else:
-            assert f"{opts['min']} to {opts['max']}" in text, text
-    assert len(server.history()) == before, "a refused prompt ran"
+        # accepted: only a NaN/infinite float may be, and it must fail when the node runs
+        assert status == 200 and non_finite, f"{node}.{name} = {value!r} was accepted: {payload}"
+        entry = server.wait(payload["prompt_id"])
+        ran += 1
+        error = harness.execution_error(entry)
+        assert error and error["node_type"] == node, (node, name, value, entry["status"])
+        assert f"{name} = {value}" in error["exception_message"], error["exception_message"]
+    assert len(server.history()) == before + ran, "a refused prompt ran"
     assert image_of(server, server.run(tdd_graph(seed=7))).std() > 0  # the server keeps serving
 
 

@@ -198,9 +198,12 @@ def test_lora_name_with_a_path_is_refused(server, images, bad):
     assert "lora_name" in text and "models/loras" in text, text
 
 
-def test_missing_folder_is_refused(server, images):
-    text = failure(server, distill_graph("x", images="no_such_folder"))
-    assert "images" in text and "no_such_folder" in text, text
+def test_missing_folder_is_refused_naming_only_images(server, images):
+    status, payload = server.queue(distill_graph("x", images="no_such_folder"))
+    assert status == 400, payload
+    errors = payload["node_errors"]["2"]["errors"]
+    assert {e["extra_info"]["input_name"] for e in errors} == {"images"}, errors
+    assert "no_such_folder" in json.dumps(errors) and "input directory" in json.dumps(errors), errors
 
 
 @pytest.mark.parametrize("kind", ["empty", "unreadable", "small"])
