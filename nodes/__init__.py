@@ -1,8 +1,11 @@
 """ComfyUI nodes of the TDD pack: thin V3 nodes over tdd_core, one file per feature."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import ComfyExtension, io
 
+from .demo_images import ensure_demo_images
 from .distill import TDDDistill
 from .demo_loader import TDDDemoCheckpointLoader, register_demo_lora_folder, register_demo_weights_folder
 from .guidance import TDDGuidance
@@ -25,4 +28,8 @@ async def comfy_entrypoint() -> TDDExtension:
     register_host_names()
     register_demo_lora_folder()
     register_demo_weights_folder()
+    try:
+        ensure_demo_images()
+    except OSError as e:  # a read-only input directory: the demo distillation workflow lacks its images
+        logging.getLogger("tdd").warning("TDD: could not write the demo training images: %s", e)
     return TDDExtension()

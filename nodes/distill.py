@@ -211,7 +211,7 @@ class TDDDistill(TDDNode):
                                tooltip="Learning rate; 0 = the preset's (else the family's default)."),
                 io.Int.Input("rank", default=0, min=0, max=1024,
                              tooltip="LoRA rank; 0 = the preset's. alpha follows it at the preset's alpha/rank."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seeds the LoRA's initialisation and every draw of the run (reproducible)."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
                              tooltip="Training resolution in pixels (a multiple of 8); 0 = the preset's, else the "
@@ -239,7 +239,7 @@ class TDDDistill(TDDNode):
                                                tooltip="The LoRA's tensors, for Save LoRA / Load LoRA Model."),
                 io.Custom("LOSS_MAP").Output(display_name="loss", tooltip="Loss per step, for Plot Loss Graph."),
                 *lora_settings.outputs("recommended_"),
-                io.String.Output("info", tooltip="What was trained or reused, and where the files are."),
+                io.String.Output("info", display_name="info", tooltip="What was trained or reused, and where the files are."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -287,6 +287,8 @@ class TDDDistill(TDDNode):
         run_dir = os.path.join(folder_paths.models_dir, RUNS_FOLDER, name[: -len(".safetensors")])
         if how != "reuse":
             cfg.out, cfg.run_dir = path, run_dir
+            # encoded images and captions, computed once and shared by later runs (keyed by model, file, size)
+            cfg.cache_dir = os.path.join(folder_paths.models_dir, RUNS_FOLDER, "cache")
             has_checkpoint = os.path.isfile(os.path.join(run_dir, "latest"))
             cfg.resume = run_dir if resume and has_checkpoint else None
             start = 0

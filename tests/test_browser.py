@@ -15,8 +15,10 @@ Screenshots of each step: out/browser/ (looked at by people, not compared). Mark
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import time
 
 import pytest
 
@@ -384,4 +386,68 @@ def test_bad_guidance_interval_shows_the_error_then_a_valid_run_succeeds(ui, ser
     assert ui.js("() => app.lastNodeErrors") in (None, {})
     ui.fit_view()
     ui.shot("42_valid_run_after_error")
+    assert ui.problems() == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Distilling in the browser: the shipped TDD Distill workflow from the Run button
+# ------------------------------------------------------------------------------------------------
+
+DISTILL_DEMO = harness.REPO / "workflows" / "tdd_distill_demo.json"
+
+
+def test_distill_workflow_shows_progress_then_images_and_the_new_lora_in_the_loader(ui, server, object_info):
+    """TDD Distill (a short run: 24 steps) queued from the Run button: the UI gets the node's
+    progress step by step, then the images and the loss graph; the new LoRA is in TDD LoRA Loader's
+    list without reloading the page."""
+    name = "browser_distilled"
+    wf = wt.load(DISTILL_DEMO)
+    distill_id = next(n["id"] for n in wf["nodes"] if n["type"] == "TDDDistill")
+    loader_options = ("() => app.graph.nodes.find(n => n.type === 'TDDLoraLoader').widgets"
+                      ".find(w => w.name === 'lora_name').options.values")
+    progress = []
+
+    def on_websocket(ws):
+        def on_frame(payload):
+            if isinstance(payload, str) and '"progress"' in payload:
+                msg = json.loads(payload)
+                if msg.get("type") == "progress" and str(msg["data"].get("node")) == str(distill_id):
+                    progress.append(msg["data"]["value"])
+        ws.on("framereceived", on_frame)
+
+    ui.page.on("websocket", on_websocket)
+    ui.page.reload()  # (the websocket listener sees the page's own connection from the start)
+    ui.page.wait_for_function(browser_ui.READY_JS, timeout=90_000)
+    ui.settle()
+    ui.load_workflow(wf, DISTILL_DEMO.name)
+    ui.set_widgets("TDDDistill", {"steps": 24, "batch": 4, "lora_name": name})
+    ui.js("""() => { const n = LiteGraph.createNode('TDDLoraLoader'); n.pos = [0, 1100]; app.graph.add(n); }""")
+    assert f"{name}.safetensors" not in ui.js(loader_options)
+    ui.problems()
+    status, body = ui.click_run()
+    assert status == 200 and body.get("node_errors") == {}, body
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(set(progress)) < 3 and time.monotonic() < deadline:
+        ui.page.wait_for_timeout(250)
+    ui.fit_view()
+    ui.shot("50_distill_training")
+    # (the sync API delivers the page's websocket frames only while it is called: wait through it)
+    while body["prompt_id"] not in server.history(body["prompt_id"]) and time.monotonic() < deadline:
+        ui.page.wait_for_timeout(500)
+    entry = server.wait(body["prompt_id"], timeout=RUN_TIMEOUT_S)
+    ui.page.wait_for_timeout(500)
+    assert entry["status"]["status_str"] == "success", harness.execution_error(entry)
+    assert len(set(progress)) >= 3 and progress == sorted(progress) and max(progress) == 24, progress
+    saves = len(wt.nodes_of_type(wf, "SaveImage"))
+    ui.page.wait_for_function(
+        f"""() => app.graph.nodes.filter(n => n.type === 'SaveImage').flatMap(n => n.imgs || []).length === {saves}
+              && (app.graph.nodes.find(n => n.type === 'LossGraphNode').imgs || []).length === 1""",
+        timeout=UI_TIMEOUT_MS)
+    ui.page.wait_for_function(f"() => ({loader_options})().includes('{name}.safetensors')", timeout=UI_TIMEOUT_MS)
+    ui.fit_view()
+    ui.shot("51_distill_done")
+    # at a zoom that draws every widget (the README's screenshot, docs/distill_in_comfyui.png)
+    ui.js("() => { app.canvas.ds.scale = 0.7; app.canvas.ds.offset = [110, 70]; app.graph.setDirtyCanvas(true, true); }")
+    ui.page.wait_for_timeout(300)
+    ui.shot("52_distill_done_detail")
     assert ui.problems() == []

@@ -240,3 +240,42 @@ def test_resume_of_another_method_is_refused_and_keeps_the_checkpoint(server, co
 def test_server_runs_a_good_prompt_after_bad_ones(server, comfy_base, images):
     server.run(distill_graph("distill_after_bad", steps=1), timeout=600)
     assert lora_path(comfy_base, "distill_after_bad").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped workflow: the demo model distilled in the graph, on the pack's demo images
+# ------------------------------------------------------------------------------------------------
+
+DISTILL_DEMO = harness.REPO / "workflows" / "tdd_distill_demo.json"
+DEMO_PROMPTS = ["a red striped circle at the top left on a light background",
+                "a blue square at the center on a dark background",
+                "a yellow checked triangle at the bottom right on a dark background",
+                "a green outlined diamond at the top on a light background"]
+
+
+def test_shipped_distill_workflow_beats_the_teacher_at_4_steps(server, comfy_base):
+    """workflows/tdd_distill_demo.json as the UI queues it: the pack wrote its 256 demo images at
+    start-up; the distilled model's 4-step image is closer to the teacher's 25-step image than the
+    teacher's own 4-step image is, over four prompts (mean absolute pixel difference)."""
+    import workflow_tools as wt
+
+    assert len(list((comfy_base / "input" / "tdd_demo_shapes").glob("*.txt"))) == 256
+    api = wt.to_api(wt.load(DISTILL_DEMO), server.object_info())
+    (prompt_id,) = [k for k, v in api.items() if v["class_type"] == "CLIPTextEncode" and v["inputs"]["text"]]
+    gaps = []
+    for i, text in enumerate(DEMO_PROMPTS):
+        api[prompt_id]["inputs"]["text"] = text
+        started = time.monotonic()
+        entry = server.run(api, timeout=900)
+        if i == 0:
+            log_csv = run_dir(comfy_base, "tdd_demo_distilled") / "log.csv"
+            trained = len(log_csv.read_text().splitlines()) - 1
+            assert trained == 300, trained
+            print(f"distill workflow, first run: {time.monotonic() - started:.0f} s")
+        imgs = {p.name.split("_0")[0]: np.asarray(Image.open(p), dtype=np.float32)
+                for p in server.output_images(entry) if p.parent.name == "tdd_distill_demo"}
+        teacher = imgs["teacher_25"]
+        gaps.append((np.abs(imgs["tdd_4"] - teacher).mean(), np.abs(imgs["teacher_4"] - teacher).mean()))
+    print("distill workflow: |tdd_4 - teacher_25|, |teacher_4 - teacher_25| per prompt:", gaps)
+    student, teacher4 = np.mean([g[0] for g in gaps]), np.mean([g[1] for g in gaps])
+    assert student < teacher4, gaps
