@@ -279,3 +279,30 @@ def test_shipped_distill_workflow_beats_the_teacher_at_4_steps(server, comfy_bas
     print("distill workflow: |tdd_4 - teacher_25|, |teacher_4 - teacher_25| per prompt:", gaps)
     student, teacher4 = np.mean([g[0] for g in gaps]), np.mean([g[1] for g in gaps])
     assert student < teacher4, gaps
+
+
+def test_unsupported_model_family_is_refused_naming_the_supported_ones(server, images):
+    """A flow-matching model other than FLUX.1-dev (here the demo model switched to SD3's flow
+    sampling by the stock ModelSamplingSD3 node) is refused with the families the trainer supports."""
+    graph = distill_graph("unsupported_family")
+    graph["5"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    graph["2"]["inputs"]["model"] = ["5", 0]
+    text = failure(server, graph)
+    assert "flow-matching" in text and "SD1.5, SD2.x or SDXL" in text, text
+
+
+def test_training_leaves_the_loaded_model_unpatched(server, comfy_base, images):
+    """The teacher's 4-step image from the loaded model is the same before and after a TDD Distill
+    run on that model object (ComfyUI's cache hands the same loader output to both prompts)."""
+    def teacher_image(tag: str, pad: str):
+        # (`pad` spaces after the prompt tokenize the same, but make ComfyUI compute the sample anew)
+        graph = {"1": distill_graph("x")["1"], **sample_nodes(["1", 0], ["1", 1], "base", first_id=40)}
+        graph["40"]["inputs"]["text"] = PROMPT + pad
+        graph["56"] = {"class_type": "SaveImage", "inputs": {"images": ["44", 0], "filename_prefix": f"unpatched_{tag}"}}
+        (path,) = server.output_images(server.run(graph, timeout=600))
+        return np.asarray(Image.open(path), dtype=np.float32)
+
+    before = teacher_image("before", " ")
+    server.run(distill_graph("distill_unpatched", steps=5, lr=5e-3), timeout=600)
+    after = teacher_image("after", "  ")
+    assert np.array_equal(before, after)

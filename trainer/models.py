@@ -80,10 +80,15 @@ def ensure_host(device: str | None = None) -> None:
 def _arch_of(model) -> str:
     """'sd15' | 'sd2x' | 'sdxl' for a ``comfy.model_base.BaseModel``, or a TeacherError."""
     import comfy.model_base as mb
+    import comfy.model_sampling
 
     cfg_name = type(model.model_config).__name__
     mt = getattr(model, "model_type", None)
-    if mt in (mb.ModelType.FLOW, mb.ModelType.FLUX, mb.ModelType.FLOW_COSMOS) or "Flow" in type(model.model_sampling).__name__:
+    # (a model patched to flow sampling, e.g. by ModelSamplingSD3 in a graph, keeps its model_type:
+    # its model_sampling's CONST parameterisation tells)
+    flow_sampling = isinstance(model.model_sampling, comfy.model_sampling.CONST)
+    if mt in (mb.ModelType.FLOW, mb.ModelType.FLUX, mb.ModelType.FLOW_COSMOS) or flow_sampling \
+            or "Flow" in type(model.model_sampling).__name__:
         if _is_flux_dev(model):
             return "flux"
         raise TeacherError(f"the teacher is a flow-matching model ({cfg_name}) other than FLUX.1-dev: flow "
