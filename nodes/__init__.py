@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .demo_images import ensure_demo_images
 from .distill import TDDDistill
+from . import prompt_guard
 from .demo_loader import TDDDemoCheckpointLoader, register_demo_lora_folder, register_demo_weights_folder
 from .guidance import TDDGuidance
 from .lora_loader import TDDLoraLoader
@@ -26,6 +27,7 @@ class TDDExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> TDDExtension:
     register_host_names()
+    prompt_guard.register()
     register_demo_lora_folder()
     register_demo_weights_folder()
     try:

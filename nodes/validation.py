@@ -8,9 +8,9 @@ can carry them).
 
 So a TDD node's ``validate_inputs`` takes only the inputs the host can't check (``VALIDATED``: by
 default the node's combos, checked against their options by :func:`check_schema`), and the host's
-own min/max check stays on for every number. Numbers that arrive through links, and NaN/infinite
-values, are checked when the node executes (:meth:`TDDNode.check_values`), with the input named in
-the message.
+own min/max check stays on for every number. NaN and infinite values are turned into a conversion
+error on their own input before validation (``prompt_guard``). Numbers that arrive through links are
+checked when the node executes (:meth:`TDDNode.check_values`), with the input named in the message.
 """
 from __future__ import annotations
 
