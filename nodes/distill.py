@@ -62,8 +62,12 @@ def image_folders() -> list[str]:
     return sorted(out)
 
 
+def lora_stem(name: str) -> str:
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
 def lora_name_problem(name: str) -> str | None:
-    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    stem = lora_stem(name)
     if not stem.strip():
         return "lora_name is empty: give the new LoRA a file name for models/loras (e.g. my_model_tdd)"
     if BAD_NAME.search(stem) or stem in (".", "..") or ".." in stem or stem.startswith("."):
@@ -72,15 +76,12 @@ def lora_name_problem(name: str) -> str | None:
     return None
 
 
-def lora_stem(name: str) -> str:
-    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
-
-
 def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, rank, seed, resolution,
                     gradient_checkpointing, precision, base_dtype):
     """The trainer's TrainConfig: defaults < preset < the node's inputs (0 = keep the preset's value)."""
     config = trainer_module("config")
-    values = config.load_preset(preset)
+    preset_values = config.load_preset(preset)
+    values = dict(preset_values)
     trainer_method, adversarial = METHODS[method]
     values.update(teacher="<ComfyUI model>", method=trainer_method, adversarial=adversarial, seed=seed, data=folder, out=out,
                   run_dir=run_dir, num_workers=0, progress=False, gradient_checkpointing=gradient_checkpointing,
@@ -93,7 +94,7 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
         values.pop("accumulate_to", None)
         values["grad_accum"] = 1
     if rank and "alpha" in values:  # keep the preset's alpha/rank scale
-        values["alpha"] = values["alpha"] * rank / config.load_preset(preset).get("rank", rank)
+        values["alpha"] = values["alpha"] * rank / preset_values.get("rank", rank)
     cfg = config.TrainConfig(**values)
     cfg.world_size = 1
     return cfg.validate().resolve_accumulation()
@@ -273,7 +274,7 @@ class TDDDistill(TDDNode):
         items, _ = data.scan(folder)
         comfy.model_management.load_models_gpu([model])  # the host applies the model's own patches first
         release_inference_tensors(model.model)
-        teacher = models.from_components(model, clip, vae, name=getattr(model.model, "__class__").__name__)
+        teacher = models.from_components(model, clip, vae, name=type(model.model).__name__)
         res = cfg.resolution or teacher.native_resolution
         small = small_images(items, res)
         if small:
@@ -293,7 +294,8 @@ class TDDDistill(TDDNode):
             cfg.resume = run_dir if resume and has_checkpoint else None
             start = 0
             if cfg.resume:
-                start = int(open(os.path.join(run_dir, "latest")).read().strip().rsplit("-", 1)[-1])
+                with open(os.path.join(run_dir, "latest")) as f:
+                    start = int(f.read().strip().rsplit("-", 1)[-1])
             result = trainer_module("loop").train(
                 cfg, components=teacher, on_step=_Progress(cfg.max_steps, start, cls.hidden.unique_id),
                 interrupts=(comfy.model_management.InterruptProcessingException,))
