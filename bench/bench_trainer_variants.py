@@ -59,7 +59,7 @@ def make_run(args, tmp: Path, name: str, **overrides) -> Run:
     cfg = TrainConfig(teacher=args.teacher, data=str(tmp / "data"), out=str(tmp / f"{name}.safetensors"),
                       run_dir=str(tmp / name), resolution=args.resolution, rank=args.rank, alpha=8.0, lr=1e-5,
                       max_steps=10 ** 6, batch_size=args.batch, device=args.device, progress=False, num_workers=0,
-                      save_every=10 ** 6, **overrides)
+                      save_every=10 ** 6, calibrate=False, **overrides)
     cfg.validate()
     ddp = Dist(cfg.device)
     cfg.world_size = ddp.world

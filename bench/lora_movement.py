@@ -70,7 +70,7 @@ def main(argv=None):
             cfg = TrainConfig(teacher="<demo>", data=str(data), out=str(tmp / f"l_{run}.safetensors"),
                               run_dir=str(tmp / f"run_{run}"), resolution=RESOLUTION, rank=RANK, alpha=ALPHA, lr=lr,
                               max_steps=steps, batch_size=args.batch, device="cpu", progress=False, num_workers=0,
-                              cache_dir=str(tmp / "cache"), save_every=10 ** 6)
+                              cache_dir=str(tmp / "cache"), save_every=10 ** 6, calibrate=False)
             r = train(cfg, components=teacher)
             if r["status"] != "done":
                 raise SystemExit(f"run {run} was {r['status']} at step {r['step']}")

@@ -11,7 +11,8 @@ Stages (same code path for every preset; the presets change sizes only):
    the same budget: ``demo/distill_demo.toml``'s settings (lr schedule, rank, loss, seed) with the
    preset's steps x batch. Methods: ``tdd``, ``tcd``, ``lcm``, and ``tdd --adversarial`` when the
    trainer has that flag. Students are cached under ``.host/quality/`` by a fingerprint of their
-   settings, the teacher weights and the data, so re-runs skip training.
+   settings, the teacher weights, the data and the code that decides the weights
+   (:data:`WEIGHT_CODE`), so re-runs skip training; each records the commit that trained it.
    ``--jobs 2`` (``make quality``) trains them two at a time in child processes, one core each.
 2. **sample** through the real ComfyUI host loaded in this process, with the pack's and ComfyUI's
    nodes as a user wires them (SamplerCustomAdvanced; see :data:`RECIPES`): every student at 2, 4, 6
@@ -160,20 +161,40 @@ def file_digest(paths) -> str:
 
 
 def train_argv(student: Student, preset: Preset) -> list[str]:
-    """The trainer flags every student shares (the budget), then the method's own."""
+    """The trainer flags every student shares (the budget; calibration is the bench's own stage, see
+    :func:`calibrate_student`), then the method's own."""
     return ["--config", str(TRAIN_CONFIG), "--max-steps", str(preset.train_steps), "--batch-size",
             str(preset.batch), "--warmup-steps", str(preset.warmup), "--validate-every", "0",
-            "--save-every", str(max(preset.train_steps // 4, 1)), *student.train_flags]
+            "--save-every", str(max(preset.train_steps // 4, 1)), "--no-calibrate", *student.train_flags]
+
+
+#: The maths that decides a student's weights: its digest is part of the cache key, so a change to
+#: the objective, the LoRA or the schedules retrains every student. The rest of trainer/ (CLI,
+#: checkpoint files, data-fault handling, calibration, the model seam's loading code, whose
+#: conversions the tests pin) can change without retraining; ``--retrain`` forces it.
+WEIGHT_CODE = ("trainer/algorithm.py", "trainer/lora.py", "trainer/flow.py", "trainer/adversarial.py",
+               "tdd_core/schedules.py", "tdd_core/spaces.py")
 
 
 def student_key(student: Student, preset: Preset) -> str:
-    """Cache key: the trainer flags, the TOML, the teacher weights, the data set size and the trainer's
-    code (trainer/ and tdd_core/: a fixed trainer bug retrains every student)."""
-    code = [*(REPO / "trainer").glob("*.py"), *(REPO / "tdd_core").glob("*.py")]
+    """Cache key: the trainer flags, the TOML, the teacher weights, the data set size and the code that
+    decides the weights (:data:`WEIGHT_CODE`)."""
     blob = json.dumps({"argv": train_argv(student, preset), "toml": TRAIN_CONFIG.read_text(),
                        "teacher": file_digest(TEACHER_WEIGHTS.glob("*.safetensors")), "images": preset.images,
-                       "data_seed": DATA_SEED, "code": file_digest(code)})
+                       "data_seed": DATA_SEED, "code": file_digest(REPO / f for f in WEIGHT_CODE)})
     return f"{student.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` when it has changes), recorded with each student."""
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "trainer", "tdd_core"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def write_data(preset: Preset) -> Path:
@@ -208,7 +229,7 @@ def train_student(student: Student, preset: Preset, data: Path, retrain: bool = 
         raise RuntimeError(f"training the {student.label} student failed (exit status {status}); see the log above")
     logged = training_seconds(run_dir)
     record = {"method": student.name, "argv": argv, "train_seconds": logged if resumed and logged else seconds,
-              "train_cpu_seconds": cpu, "resumed": resumed}
+              "train_cpu_seconds": cpu, "resumed": resumed, "trained_at_commit": git_commit()}
     record_path.write_text(json.dumps(record, indent=1))
     log.info("%s: trained in %.0f s -> %s", student.label, seconds, out)
     return out, {**record, "cached": False}

@@ -15,6 +15,7 @@ Each value remembers where it came from, for the loader's ``info`` output.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class Recommended:
     guidance: float
     sources: dict
     guidance_meaning: str
+    calibration: str | None = None      # what the file's calibration measured, when it has one
 
     def values(self) -> tuple[int, float, float]:
         return self.steps, self.eta, self.guidance
@@ -79,6 +81,8 @@ class Recommended:
         lines = [f"recommended steps={self.steps}, eta={self.eta:g}, guidance={self.guidance:g} "
                  f"({self.guidance_meaning})"]
         lines += [f"  {name}: {self.sources[name]}" for name in NAMES]
+        if self.calibration:
+            lines.append(f"  measured: {self.calibration}")
         return "\n".join(lines)
 
 
@@ -136,6 +140,21 @@ def metadata_value(metadata: dict, name: str):
     return value, None
 
 
+def describe_calibration(raw) -> str | None:
+    """One line for a file's ``tdd_calibration`` metadata (the trainer's calibration table: its
+    criterion, prompts and the setting chosen per step count), or None when absent or unreadable."""
+    if not raw:
+        return None
+    try:
+        table = json.loads(raw)
+        best = ", ".join(f"{k} steps: guidance {v['guidance']:g}, eta {v['eta']:g}"
+                         for k, v in sorted(table["best"].items(), key=lambda kv: int(kv[0])))
+        return (f"calibrated on {int(table['prompts'])} prompts ({table['criterion']} distance to the teacher's "
+                f"{table['reference']}): {best}")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def recommended_settings(metadata: dict, family: str | None, file_format: str | None = None) -> Recommended:
     """Settings from the file's ``tdd_recommended_*`` metadata, else from the model family.
 
@@ -146,11 +165,14 @@ def recommended_settings(metadata: dict, family: str | None, file_format: str | 
     if family in FAMILY_SETTINGS:
         origin = f"{family.upper()} model" + (f", {file_format}" if file_format else "") + f": {origin}"
     values, sources = {}, {}
+    calibration = describe_calibration(metadata.get("tdd_calibration"))
     for name in NAMES:
         value, problem = metadata_value(metadata, name)
         if value is not None:
-            values[name], sources[name] = value, f"the file's tdd_recommended_{name} metadata"
+            values[name] = value
+            sources[name] = f"the file's tdd_recommended_{name} metadata" + (", measured" if calibration else "")
         else:
             values[name] = fallback[name]
             sources[name] = origin if problem is None else f"{problem}; {origin}"
-    return Recommended(int(values["steps"]), float(values["eta"]), float(values["guidance"]), sources, meaning)
+    return Recommended(int(values["steps"]), float(values["eta"]), float(values["guidance"]), sources, meaning,
+                       calibration)

@@ -39,12 +39,14 @@ def item_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0])
 
 
-def batch_stable_noise_sampler(x: torch.Tensor, seed: int) -> NoiseSampler:
-    """Per-item noise: item k's noise comes from its own generator seeded by ``(seed, k)``.
+def batch_stable_noise_sampler(x: torch.Tensor, seed: int, first_index: int = 0) -> NoiseSampler:
+    """Per-item noise: item k's noise comes from its own generator seeded by ``(seed, first_index + k)``.
 
     Item k then gets the same noise at every batch size that contains it, unlike one generator
-    for the whole batch, whose draws for item k depend on how many items came before it."""
-    generators = [torch.Generator(device=x.device).manual_seed(item_seed(seed, k)) for k in range(x.shape[0])]
+    for the whole batch, whose draws for item k depend on how many items came before it;
+    ``first_index`` numbers the items of a chunk of a larger batch."""
+    generators = [torch.Generator(device=x.device).manual_seed(item_seed(seed, first_index + k))
+                  for k in range(x.shape[0])]
 
     def sample(sigma, sigma_next):
         return torch.stack([torch.randn(x.shape[1:], dtype=x.dtype, layout=x.layout, device=x.device, generator=g)

@@ -93,7 +93,8 @@ def test_bad_data_via_cli(tmp_path, caplog):
 def finished_run(images, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     r = train(TrainConfig(data=str(images), out=str(tmp / "l.safetensors"), run_dir=str(tmp / "run"), resolution=64,
-                          rank=4, alpha=2, max_steps=1, batch_size=1, device="cpu", progress=False, num_workers=0),
+                          rank=4, alpha=2, max_steps=1, batch_size=1, device="cpu", progress=False, num_workers=0,
+                          calibrate=False),
               components=fx.tiny_sd15(0))
     return tmp / "run", r
 
@@ -101,7 +102,7 @@ def finished_run(images, tmp_path_factory):
 def _resume_cfg(images, tmp_path, run_dir, **kw):
     base = dict(data=str(images), out=str(tmp_path / "l.safetensors"), run_dir=str(tmp_path / "r"), resolution=64,
                 rank=4, alpha=2, max_steps=2, batch_size=1, device="cpu", progress=False, num_workers=0,
-                resume=str(run_dir))
+                resume=str(run_dir), calibrate=False)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -19,7 +19,7 @@ from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.distill import main
 from trainer.flow import FLUX_DEFAULTS, FlowSchedule, flow_sigmas
 from trainer.lora import LoRANetwork
-from trainer.lora_format import read_tdd_metadata
+from trainer.lora_format import read_header_metadata, read_tdd_metadata
 from trainer.loop import train
 from trainer.models import FluxTeacher, Teacher, TeacherError, flux_lora_targets, from_components, load_teacher
 
@@ -148,8 +148,12 @@ def test_cli_trains_reduced_flux(images, tmp_path):
     rc = main(["--teacher", FACTORY, "--data", str(images), "--out", str(tmp_path / "lora.safetensors"),
                "--run-dir", str(tmp_path / "run"), "--resolution", str(ff.RESOLUTION), "--rank", "4", "--alpha", "2",
                "--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--no-progress", "--num-workers", "0",
-               "--validate-every", "2", "--flux-guidance-range", "0", "3"])
+               "--validate-every", "2", "--flux-guidance-range", "0", "3", "--calibrate-prompts", "2"])
     assert rc == 0
+    # calibrated in FLUX's terms: the guidance embedding swept, one pass per step, 8 steps recommended
+    table = json.loads(read_header_metadata(tmp_path / "lora.safetensors")["tdd_calibration"])
+    assert table["prompts"] == 2 and {row[1] for row in table["scores"]} <= {1.5, 2.0, 2.5, 3.0, 3.5}
+    assert "8" in table["best"] and "guidance 3.5" in table["reference"]
     run = json.loads((tmp_path / "run" / "checkpoint-000002" / "run.json").read_text())
     fields = run["fingerprint_fields"]
     assert (fields["loss"], fields["lr"], fields["weight_decay"], fields["empty_prompt_prob"]) == ("l2", 1e-4, 1e-2, 0.0)
@@ -159,7 +163,7 @@ def test_cli_trains_reduced_flux(images, tmp_path):
     assert float(sd["transformer.proj_out.alpha"]) == 2.0
     meta = read_tdd_metadata(tmp_path / "lora.safetensors")
     assert meta["tdd_base_arch"] == "flux" and meta["tdd_method"] == "tdd"
-    assert (meta["tdd_recommended_steps"], meta["tdd_recommended_guidance"]) == (8, 2.0)
+    assert (meta["tdd_recommended_steps"], meta["tdd_recommended_guidance"]) == (8, table["best"]["8"]["guidance"])
     assert (tmp_path / "run" / "validation" / "step_000002.png").is_file()
 
 
@@ -180,7 +184,7 @@ def test_torchrun_two_gloo_processes_match_one(images, tmp_path, flux):
     args = ["--teacher", FACTORY, "--data", str(images), "--out", str(tmp_path / "ddp" / "l.safetensors"),
             "--run-dir", str(tmp_path / "ddp" / "run"), "--resolution", str(ff.RESOLUTION), "--rank", "4",
             "--alpha", "2", "--lr", "1e-3", "--max-steps", "2", "--batch-size", "1", "--save-every", "2",
-            "--device", "cpu", "--no-progress", "--num-workers", "0"]
+            "--device", "cpu", "--no-progress", "--num-workers", "0", "--no-calibrate"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(fx.REPO / "trainer" / "distill.py"), *args]
     p = subprocess.run(cmd, env=fx.subprocess_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -395,7 +399,7 @@ def test_cli_trains_from_separate_files(flux_files, images, tmp_path):
         rc = main(["--unet", str(flux_files["unet"]), "--clip", str(flux_files["clip_l"]), "--clip",
                    str(flux_files["t5xxl"]), "--vae", str(flux_files["vae"]), "--data", str(images),
                    "--out", str(tmp_path / "l.safetensors"), "--resolution", "32", "--rank", "4", "--max-steps", "1",
-                   "--device", "cpu", "--no-progress", "--num-workers", "0"])
+                   "--device", "cpu", "--no-progress", "--num-workers", "0", "--no-calibrate"])
     assert rc == 0 and read_tdd_metadata(tmp_path / "l.safetensors")["tdd_base_arch"] == "flux"
 
 

@@ -66,21 +66,23 @@ def make_images(folder, n: int = 4, size=(80, 64), captions: bool = True, seed: 
 
 
 def tiny_args(data, tmp, *extra) -> list[str]:
-    """CLI arguments for a fast tiny run (rank 4, 64 px, 2 steps)."""
+    """CLI arguments for a fast tiny run (rank 4, 64 px, 2 steps; no calibration, which
+    tests/test_calibrate.py tests on its own: 32 prompts would take longer than the run)."""
     tmp = Path(tmp)
     return ["--teacher", f"{REPO / 'tests' / 'trainer_fixtures.py'}:tiny_sd15", "--data", str(data),
             "--out", str(tmp / "lora.safetensors"), "--run-dir", str(tmp / "run"), "--resolution", str(RESOLUTION),
             "--rank", "4", "--alpha", "2", "--lr", "1e-3", "--max-steps", "2", "--batch-size", "2",
-            "--device", "cpu", "--no-progress", "--num-workers", "0", *map(str, extra)]
+            "--device", "cpu", "--no-progress", "--num-workers", "0", "--no-calibrate", *map(str, extra)]
 
 
 def train_config(data, tmp, **kw):
-    """A :class:`trainer.config.TrainConfig` for a fast tiny run in ``tmp`` (overrides in ``kw``)."""
+    """A :class:`trainer.config.TrainConfig` for a fast tiny run in ``tmp`` (overrides in ``kw``; no
+    calibration unless ``calibrate=True``)."""
     from trainer.config import TrainConfig
 
     base = dict(data=str(data), out=str(Path(tmp) / "lora.safetensors"), run_dir=str(Path(tmp) / "run"),
                 resolution=RESOLUTION, rank=4, alpha=2, lr=1e-3, max_steps=2, batch_size=2, device="cpu",
-                progress=False, num_workers=0)
+                progress=False, num_workers=0, calibrate=False)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .calibrate import CRITERIA, DEFAULT_CRITERION
 from .flow import FLUX_DEFAULTS, FLUX_METHODS
 
 METHODS = ("tdd", "tcd", "lcm")
@@ -84,6 +85,10 @@ class TrainConfig:
     save_dtype: str = "fp16"
     device: str = "auto"
     progress: bool = True
+    # recommended sampler settings measured after the last step (trainer/calibrate.py)
+    calibrate: bool = True
+    calibrate_prompts: int = 32         # the budget: prompts sampled per setting
+    calibrate_criterion: str = DEFAULT_CRITERION
     # not a setting: the number of processes (torchrun's WORLD_SIZE)
     world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")),
                             metadata={"setting": False})
@@ -131,7 +136,10 @@ class TrainConfig:
             bad(f"--eta-max must be in [0, 1] (reference 0.3), got {self.eta_max}")
         if self.empty_prompt_prob is not None and not 0.0 <= self.empty_prompt_prob <= 1.0:
             bad(f"--empty-prompt-prob must be in [0, 1], got {self.empty_prompt_prob}")
-        for name in ("rank", "batch_size", "grad_accum", "max_steps", "save_every", "keep_checkpoints", "log_every"):
+        if self.calibrate_criterion not in CRITERIA:
+            bad(f"--calibrate-criterion must be one of {', '.join(CRITERIA)}, got {self.calibrate_criterion!r}")
+        for name in ("rank", "batch_size", "grad_accum", "max_steps", "save_every", "keep_checkpoints", "log_every",
+                     "calibrate_prompts"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -256,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "adv_lr": "learning rate of the discriminator heads (AdamW betas 0/0.999, weight decay 1e-3); reference 1e-5",
         "validate_every": "write a 4- and 8-step validation grid every N steps (0: never)",
         "validation_prompts": "validation prompt (repeat the flag for several; default: first dataset captions)",
+        "calibrate": "after the last step, measure the sampler settings (steps, eta, guidance) that suit the new "
+                     "LoRA and write them into its metadata (--no-calibrate: the family's defaults)",
+        "calibrate_prompts": "calibration budget: prompts (the data's captions, fresh noises) per setting; default 32",
+        "calibrate_criterion": "distance to the teacher's 25-step image that calibration minimises (see "
+                               "docs/trainer.md)",
     }
     for f in settings():
         name, flag, h = f.name, _flag(f.name), helps.get(f.name)
@@ -270,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             choices = {"method": METHODS, "loss": LOSSES, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
-                       "base_dtype": BASE_DTYPES}.get(name)
+                       "base_dtype": BASE_DTYPES, "calibrate_criterion": tuple(CRITERIA)}.get(name)
             p.add_argument(flag, dest=name, type=kind, choices=choices, help=h)
     return p
 

@@ -10,6 +10,7 @@ B/N follow the same trajectory as one process with batch B.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import adversarial, checkpoint, data, guards, models
+from . import adversarial, calibrate, checkpoint, data, guards, models
 from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
@@ -406,16 +407,38 @@ class Run:
                    self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed)
 
     # ---- finish ------------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
+    def calibration(self) -> calibrate.Calibration | None:
+        """The recommended sampler settings of the trained LoRA, measured (trainer/calibrate.py): the
+        data's captions with fresh noises, the student (LoRA on) against the teacher (LoRA off)."""
+        cfg, teacher = self.cfg, self.teacher
+        if not cfg.calibrate:
+            return None
+        captions = calibrate.held_out_captions([it.caption for it in self.items], cfg.calibrate_prompts, cfg.seed)
+        with self.autocast:
+            return calibrate.calibrate_lora(
+                teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
+                self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
+                criterion=cfg.calibrate_criterion,
+                reference_guidance=None if teacher.arch == "flux" else 1.0 + cfg.teacher_guidance)
+
+    def finish(self, run_seconds: float | None = None) -> None:
+        """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
         if not self.main:
             return
         cfg, teacher = self.cfg, self.teacher
+        cal = self.calibration()
+        extra = {}
+        if cal is not None:
+            cal.run_seconds = run_seconds
+            extra = cal.metadata()
+            if cal.fraction_of_run is not None:
+                log.info("calibration took %.0f s, %.1f%% of this run's training time", cal.seconds,
+                         100 * cal.fraction_of_run)
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
                                      "tdd_run_fingerprint": self.fp,
-                                     **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {})})
+                                     **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {}), **extra})
         atomic_save_safetensors(teacher.lora_file_keys(self.network.kohya_state_dict(DTYPES[cfg.save_dtype])),
                                 self.out_path, meta)
         log.info("wrote %s (%d LoRA modules, %d steps)", self.out_path, len(self.network.prefixes), self.step)
@@ -462,7 +485,12 @@ class Run:
         else:
             if self.step % cfg.save_every != 0:
                 last_ckpt = self.save_checkpoint()
-            self.finish()
+            try:
+                self.finish(time.perf_counter() - t_start)
+            except self.interrupts as e:  # cancelled while calibrating: the checkpoint holds every step
+                status = "interrupted"
+                log.warning("cancelled (%s) while calibrating; no LoRA written. Resume (%s) to calibrate and write "
+                            "it", type(e).__name__, self.run_dir)
         return {"status": status, "step": self.step, "out": str(self.out_path) if status == "done" else None,
                 "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": self.losses,
                 "skipped_images": self.data.skipped, "run_dir": str(self.run_dir)}

@@ -20,6 +20,7 @@ family (docs/method.md §5.1); ``Teacher(...)`` returns one for a FLUX model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -244,6 +245,48 @@ class Teacher:
             return self.model.apply_model(x, sigma, c_crossattn=cond.context, **kwargs)
         return model
 
+    def guided_denoiser(self, cond: Cond, empty: Cond, scale: float):
+        """:meth:`denoiser` with TDD Guidance: CFG at ``scale`` against the encoded empty prompt ``empty``
+        (one batched forward for both; ``scale`` 1 is one conditional pass)."""
+        if scale == 1.0:
+            return self.denoiser(cond)
+        from tdd_core import cfg as guided
+        n = cond.context.shape[0]
+        both = cond.cat(Cond(empty.context.expand(n, *empty.context.shape[1:]),
+                             None if empty.y is None else empty.y.expand(n, *empty.y.shape[1:])))
+        kwargs = {} if both.y is None else {"y": both.y}
+
+        def model(x, sigma, **_):
+            c, u = self.model.apply_model(torch.cat([x, x]), torch.cat([sigma, sigma]), c_crossattn=both.context,
+                                          **kwargs).chunk(2)
+            return guided(c, u, scale)
+        return model
+
+    def default_reference_guidance(self) -> float:
+        """The teacher's guidance for a reference image: CFG 4.5, the trainer's teacher guidance 3.5 in
+        the CFG convention (1 + w)."""
+        return 4.5
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(channels, h, w) of the x0 latent of a ``resolution`` x ``resolution`` image."""
+        f = self.latent_factor
+        return int(self.model.latent_format.latent_channels), resolution // f, resolution // f
+
+    @contextlib.contextmanager
+    def lora_file_applied(self, path, strength: float = 1.0):
+        """Inside this block the model carries the LoRA file ``path`` (any format ComfyUI's LoraLoader
+        reads), patched into its weights by the host; they are restored on exit."""
+        import comfy.sd
+        import comfy.utils
+
+        lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+        patched, _ = comfy.sd.load_lora_for_models(self.patcher, None, lora, strength, 0.0)
+        patched.patch_model(device_to=self.device)
+        try:
+            yield
+        finally:
+            patched.unpatch_model(device_to=self.device)
+
     # ---- encoders ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -458,6 +501,14 @@ class FluxTeacher(Teacher):
         def model(x, sigma, **_):
             return self.model.apply_model(x, sigma, **self._kwargs(cond, x.shape[0]))
         return model
+
+    def guided_denoiser(self, cond: Cond, empty: Cond, scale: float):
+        """FLUX's guidance is its embedding: ``scale`` there, one pass per step (no empty prompt)."""
+        return self.denoiser(cond.with_guidance(torch.full((cond.context.shape[0],), float(scale))))
+
+    def default_reference_guidance(self) -> float:
+        """FLUX.1-dev's usual guidance embedding (ComfyUI's FluxGuidance default)."""
+        return 3.5
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
