@@ -77,6 +77,7 @@ SWEEP_SCALES = (1.0, 1.5, 2.0, 3.0)
 TDD_GUIDANCE = 1.7     # the TDD recipe's scale (the reference's SDXL setting)
 GRID_STEPS = 4
 GRID_COLUMNS = 8
+CALIBRATION_PROMPTS = 32   # the trainer's default budget (--calibrate-prompts)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,42 @@ def training_seconds(run_dir: Path) -> float | None:
     return total + last
 
 
+def calibrate_student(path: Path, data: Path, criterion: str) -> tuple[Path, dict]:
+    """The TDD student's calibrated copy, made as the trainer calibrates at the end of a run
+    (``trainer/calibrate.py``: the data's captions with fresh noises, :data:`CALIBRATION_PROMPTS` of
+    them, the run's seed and teacher guidance), at every step count of the bench; cached by criterion."""
+    import contextlib
+    import tomllib
+
+    import torch
+
+    from trainer import calibrate
+    from trainer.data import scan
+    from trainer.models import load_teacher
+
+    out = path.with_name(f"{path.stem}_calibrated_{criterion.replace('+', '_')}.safetensors")
+    record_path = out.with_suffix(".json")
+    if out.is_file() and record_path.is_file():
+        return out, {**json.loads(record_path.read_text()), "cached": True}
+    settings = tomllib.loads(TRAIN_CONFIG.read_text())
+    teacher = load_teacher(settings["teacher"], dtype=torch.float32, device="cpu")
+    captions = calibrate.held_out_captions([it.caption for it in scan(data)[0]], CALIBRATION_PROMPTS,
+                                           settings["seed"])
+    start, cpu = time.perf_counter(), time.process_time()
+    result = calibrate.calibrate_lora(
+        teacher, lambda on: teacher.lora_file_applied(path) if on else contextlib.nullcontext(), captions,
+        settings["resolution"], method="tdd", kmin=settings["kmin"], kmax=settings["kmax"], seed=settings["seed"],
+        criterion=criterion, reference_guidance=1.0 + settings["teacher_guidance"], steps=STUDENT_STEPS)
+    calibrate.recalibrated_copy(path, out, result)
+    record = {"criterion": criterion, "prompts": result.prompts, "seconds": time.perf_counter() - start,
+              "cpu_seconds": time.process_time() - cpu, "settings_scored": len(result.scores),
+              "best": {str(k): [b.guidance, b.eta] for k, b in sorted(result.best.items())},
+              "summary": result.summary()}
+    record_path.write_text(json.dumps(record, indent=1))
+    log.info("calibrated %s in %.0f s: %s", path.name, record["seconds"], result.summary())
+    return out, {**record, "cached": False}
+
+
 # ------------------------------------------------------------------------------------------------
 # stage 2: sample through the in-process ComfyUI host
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +355,8 @@ class Host:
         return torch.tensor([self._host_helpers.sigma_at_timestep(ms, t) for t in tcd_timesteps(steps)] + [0.0])
 
     # -- recipes: (guider, sampler, sigmas) for a positive conditioning ---------------------------
-    def recipe(self, kind: str, model, steps: int, positive, guidance: float | None = None):
+    def recipe(self, kind: str, model, steps: int, positive, guidance: float | None = None,
+               eta: float | None = None):
         if kind == "teacher":
             cfg = TEACHER_CFG if guidance is None else guidance
             return (self.run("CFGGuider", model=model, positive=positive, negative=self.empty, cfg=cfg)[0],
@@ -328,7 +366,7 @@ class Host:
             scale = TDD_GUIDANCE if guidance is None else guidance
             return (self.run("TDDGuidance", model=model, positive=positive, negative=self.empty, scale=scale,
                              guidance_start=0.0, guidance_end=1.0, rescale=0.0)[0],
-                    self.run("TDDSampler", eta=0.2, x0_clip_steps=0)[0],
+                    self.run("TDDSampler", eta=0.2 if eta is None else eta, x0_clip_steps=0)[0],
                     self.run("TDDScheduler", model=model, steps=steps, non_equidistant=False, denoise=1.0)[0])
         if kind == "tcd":
             return (self.run("CFGGuider", model=model, positive=positive, negative=self.empty, cfg=1.0)[0],
@@ -344,7 +382,8 @@ class Host:
         """:meth:`encode` of ``captions`` in batches of ``chunk`` (one sampler call each)."""
         return [self.encode(captions[i:i + chunk]) for i in range(0, len(captions), chunk)]
 
-    def generate(self, kind: str, model, steps: int, chunks: list, guidance: float | None = None) -> np.ndarray:
+    def generate(self, kind: str, model, steps: int, chunks: list, guidance: float | None = None,
+                 eta: float | None = None) -> np.ndarray:
         """uint8 ``(N, 64, 64, 3)`` images (SaveImage's conversion) for the conditioned chunks; chunk c
         starts from RandomNoise(NOISE_SEED + c)."""
         out = []
@@ -352,7 +391,7 @@ class Host:
             batch = positive[0][0].shape[0]
             latent = self.run("EmptyLatentImage", width=64, height=64, batch_size=batch)[0]
             noise = self.run("RandomNoise", noise_seed=NOISE_SEED + c)[0]
-            guider, sampler, sigmas = self.recipe(kind, model, steps, positive, guidance)
+            guider, sampler, sigmas = self.recipe(kind, model, steps, positive, guidance, eta)
             samples = self.run("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
                                latent_image=latent)[0]
             images = self.run("VAEDecode", samples=samples, vae=self.vae)[0]
@@ -370,25 +409,32 @@ class Run:
     images: np.ndarray
     seconds: float
     metrics: dict = field(default_factory=dict)
+    eta: float | None = None
 
 
-def sample_all(host: Host, students: dict, prompts: Prompts, preset: Preset) -> list[Run]:
-    """The teacher baselines, every student at every step count, and the TDD guidance sweep."""
+def sample_all(host: Host, students: dict, prompts: Prompts, preset: Preset,
+               calibrated: dict[str, list[float]] | None = None) -> list[Run]:
+    """The teacher baselines, every student at every step count, the TDD guidance sweep, and the TDD
+    student again with the settings its calibration chose per step count (``calibrated``: steps ->
+    [guidance, eta])."""
     chunks = host.encode_chunks(prompts.captions, preset.chunk)
-    plan = [("teacher", "teacher", "teacher", host.model, s, None) for s in TEACHER_STEPS]
+    plan = [("teacher", "teacher", "teacher", host.model, s, None, None) for s in TEACHER_STEPS]
     for student, (model, _) in students.items():
-        plan += [(student.name, student.label, student.recipe, model, s, None) for s in STUDENT_STEPS]
+        plan += [(student.name, student.label, student.recipe, model, s, None, None) for s in STUDENT_STEPS]
     if "tdd" in {s.name for s in students}:
         tdd_model = next(m for s, (m, _) in students.items() if s.name == "tdd")
-        plan += [("tdd_sweep", "TDD", "tdd", tdd_model, SWEEP_STEPS, g) for g in SWEEP_SCALES]
+        plan += [("tdd_sweep", "TDD", "tdd", tdd_model, SWEEP_STEPS, g, None) for g in SWEEP_SCALES]
+        for steps, (g, e) in sorted((calibrated or {}).items(), key=lambda kv: int(kv[0])):
+            plan.append(("tdd_cal", "TDD, calibrated", "tdd", tdd_model, int(steps), g, e))
     runs = []
-    for k, (name, label, kind, model, steps, guidance) in enumerate(plan, 1):
+    for k, (name, label, kind, model, steps, guidance, eta) in enumerate(plan, 1):
         start = clock()
-        images = host.generate(kind, model, steps, chunks, guidance)
+        images = host.generate(kind, model, steps, chunks, guidance, eta)
         wall, cpu = clock() - start
-        runs.append(Run(name, label, steps, guidance, images, wall))
-        log.info("[%d/%d] sampled %-18s %2d steps%s: %d images in %.1f s (CPU %.1f s)", k, len(plan), label, steps,
-                 "" if guidance is None else f" guidance {guidance}", len(images), wall, cpu)
+        runs.append(Run(name, label, steps, guidance, images, wall, eta=eta))
+        log.info("[%d/%d] sampled %-18s %2d steps%s%s: %d images in %.1f s (CPU %.1f s)", k, len(plan), label, steps,
+                 "" if guidance is None else f" guidance {guidance}", "" if eta is None else f" eta {eta}",
+                 len(images), wall, cpu)
     return runs
 
 
@@ -464,20 +510,20 @@ def sweep_runs(runs: list[Run]) -> list[Run]:
     return sorted(rs, key=lambda r: TDD_GUIDANCE if r.guidance is None else r.guidance)
 
 
-def compare(runs: list[Run], steps: int) -> list[str]:
-    """Plain statements of the TDD student against each other method at ``steps`` (mean accuracy;
-    'ahead'/'behind' only when the 95% intervals do not overlap)."""
+def compare(runs: list[Run], steps: int, subject: str = "tdd") -> list[str]:
+    """Plain statements of the ``subject`` row (the TDD student, or it calibrated) against each other
+    method at ``steps`` (mean accuracy; 'ahead'/'behind' only when the 95% intervals do not overlap)."""
     at = {r.method: r for r in main_rows(runs) if r.steps == steps and r.method not in ("teacher",)}
-    if "tdd" not in at:
+    if subject not in at:
         return []
-    tdd, lines = at["tdd"].metrics["mean"], []
+    mine, lines = at[subject].metrics["mean"], []
     for name, r in at.items():
-        if name == "tdd":
+        if name == subject:
             continue
         other = r.metrics["mean"]
-        verdict = ("ahead of" if tdd.lo > other.hi else "behind" if tdd.hi < other.lo else
+        verdict = ("ahead of" if mine.lo > other.hi else "behind" if mine.hi < other.lo else
                    "not separable from (intervals overlap)")
-        lines.append(f"at {steps} steps TDD ({pct(tdd)}) is {verdict} {r.label} ({pct(other)})")
+        lines.append(f"at {steps} steps {at[subject].label} ({pct(mine)}) is {verdict} {r.label} ({pct(other)})")
     return lines
 
 
@@ -584,7 +630,7 @@ def side_note(record: dict) -> str:
 
 
 def write_doc(path: Path, runs, reference, records, plots, preset_name: str, preset: Preset, students,
-              timings: dict) -> None:
+              timings: dict, calibration: dict | None = None) -> None:
     attrs = [k for k in reference["real images of the prompts"] if k not in ("mean", "fd", "saturated", "saturation")]
     rel = {k: os.path.relpath(v, path.parent) for k, v in plots.items()}
     lines = [
@@ -639,6 +685,18 @@ def write_doc(path: Path, runs, reference, records, plots, preset_name: str, pre
         lines.append(f"| {r.label} | {r.steps} | " + " | ".join(pct(r.metrics[a]) for a in attrs) + " |")
     lines += ["", "### TDD against the other methods (mean accuracy)", ""]
     lines += [f"- {s}" for steps in STUDENT_STEPS for s in compare(runs, steps)] or ["- (no TDD student in this run)"]
+    cal_runs = sorted((r for r in runs if r.method == "tdd_cal"), key=lambda r: r.steps)
+    if cal_runs:
+        rec = calibration or {}
+        lines += ["", "### TDD, calibrated", "",
+                  f"The same TDD student sampled with the settings its calibration chose (`trainer/calibrate.py`, "
+                  f"criterion `{rec.get('criterion')}`, {rec.get('prompts')} prompts of its training captions with "
+                  f"fresh noises, the distance to the teacher's 25-step image; {rec.get('settings_scored')} settings "
+                  f"scored in {rec.get('seconds', float('nan')) / 60:.1f} min), the same TDD Scheduler and Sampler, "
+                  "TDD Guidance against the empty prompt:", "",
+                  "| steps | guidance | eta |", "|---|---|---|",
+                  *[f"| {r.steps} | {r.guidance:g} | {r.eta:g} |" for r in cal_runs], ""]
+        lines += [f"- {s}" for steps in STUDENT_STEPS for s in compare(runs, steps, "tdd_cal")]
     teacher25 = next(r for r in runs if r.method == "teacher" and r.steps == max(TEACHER_STEPS))
     lines += ["", f"## TDD guidance sweep at {SWEEP_STEPS} steps", "", f"![guidance sweep]({rel['sweep']})", "",
               "| guidance | mean accuracy % | saturated px % | mean HSV saturation | FD to real |",
@@ -660,6 +718,10 @@ def write_doc(path: Path, runs, reference, records, plots, preset_name: str, pre
                      f"{' (cached: an earlier run)' if rec.get('cached') else ''}"
                      f"{side_note(rec)}"
                      f"{' (resumed: wall time summed over its sessions, CPU time of the last)' if rec.get('resumed') else ''} |")
+    if calibration:
+        lines.append(f"| calibrate TDD ({calibration['prompts']} prompts, {calibration['settings_scored']} settings) | "
+                     f"{calibration['seconds'] / 60:.1f} min | {calibration['cpu_seconds'] / 60:.1f} min"
+                     f"{' (cached: an earlier run)' if calibration.get('cached') else ''} |")
     lines += [f"| {k} | {wall / 60:.1f} min | {cpu / 60:.1f} min |" for k, (wall, cpu) in timings.items()]
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -678,9 +740,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--retrain", action="store_true", help="train the students again even when cached")
     ap.add_argument("--samples", type=int, help="override the preset's number of evaluation prompts")
     ap.add_argument("--train-steps", type=int, help="override the preset's training steps")
-    ap.add_argument("--methods", help="comma-separated subset of the students to train (names: tdd, tcd, lcm, "
-                                      "tdd_adv); with --train-only, to train students side by side, one process "
-                                      "per core, before the run that samples them all")
+    ap.add_argument("--methods", help="comma-separated subset of the students (names: tdd, tcd, lcm, tdd_adv): "
+                                      "with --train-only, to train students side by side, one process per core; "
+                                      "else the report compares only these")
+    ap.add_argument("--criterion", default=None,
+                    help="calibration criterion for the 'TDD, calibrated' row (default: the trainer's; 'none' "
+                         "leaves the row out)")
     ap.add_argument("--train-only", action="store_true",
                     help="train (or find cached) the students, then stop: no sampling, scoring or report")
     ap.add_argument("--jobs", type=int, default=1,
@@ -750,10 +815,11 @@ def clock() -> np.ndarray:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.criterion is None:
+        from trainer.calibrate import DEFAULT_CRITERION
+        args.criterion = DEFAULT_CRITERION
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     preset = resolve_preset(args)
-    if args.methods and not args.train_only:
-        raise SystemExit("--methods only goes with --train-only: the report compares every method")
     students = select_students(available_students(), args.methods)  # an unknown name fails before the host loads
     if args.threads:
         import torch
@@ -778,20 +844,25 @@ def main(argv=None) -> int:
     if args.train_only:
         log.info("trained: %s", ", ".join(f"{s.label} ({records[s]['train_seconds'] / 60:.1f} min)" for s in students))
         return 0
+    calibration = None
+    tdd = next((s for s in students if s.name == "tdd"), None)
+    if tdd is not None and args.criterion != "none":
+        _, calibration = calibrate_student(models[tdd][1], data, args.criterion)
     t_sample = clock()
     prompts = eval_prompts(preset.samples)
-    runs = sample_all(host, models, prompts, preset)
+    runs = sample_all(host, models, prompts, preset, calibration and calibration["best"])
     t_score = clock()
     reference = score(runs, prompts, preset)
     log_figures(runs, reference)
     for steps in STUDENT_STEPS:
-        for line in compare(runs, steps):
+        for line in compare(runs, steps) + compare(runs, steps, "tdd_cal"):
             log.info("%s", line)
     plots = write_plots(runs, prompts, out / "quality")
     t_end = clock()
     timings = {"sampling (all configurations)": t_score - t_sample, "scoring and plots": t_end - t_score,
                "whole bench, this run": t_end - t0}
-    write_doc(out / "quality.md", runs, reference, records, plots, args.preset, preset, students, timings)
+    write_doc(out / "quality.md", runs, reference, records, plots, args.preset, preset, students, timings,
+              calibration)
     for k, (wall, cpu) in timings.items():
         log.info("%s: %.1f min wall, %.1f min CPU", k, wall / 60, cpu / 60)
     log.info("wrote %s and %s", out / "quality.md", ", ".join(str(p) for p in plots.values()))

@@ -7,6 +7,7 @@ run by hand (`bench/quality.py --preset smoke`), not here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import numpy as np
@@ -60,8 +61,8 @@ def test_methods_pick_a_subset_and_name_the_choices():
     assert quality.select_students(students, None) == students
     with pytest.raises(SystemExit, match="unknown sdxl; choose from .*lcm.*tcd.*tdd"):
         quality.select_students(students, "tdd,sdxl")
-    with pytest.raises(SystemExit, match="only goes with --train-only"):
-        quality.main(["--preset", "smoke", "--methods", "tdd"])  # refused before the host loads
+    with pytest.raises(SystemExit, match="unknown sdxl"):
+        quality.main(["--preset", "smoke", "--methods", "tdd,sdxl"])  # refused before the host loads
 
 
 def test_students_are_dealt_round_robin():
@@ -114,6 +115,33 @@ def test_recipes_sample_every_method_in_the_host(bench_host):
             assert not np.array_equal(images[a], images[b]), (a, b)
     sweep = bench_host.generate("tdd", bench_host.model, 2, chunks, guidance=3.0)
     assert not np.array_equal(sweep, images["tdd"])
+    calibrated = bench_host.generate("tdd", bench_host.model, 2, chunks, eta=0.0)  # the calibrated row's eta
+    assert not np.array_equal(calibrated, images["tdd"])
+    assert np.array_equal(bench_host.generate("tdd", bench_host.model, 2, chunks, eta=0.2), images["tdd"])
+
+
+def test_calibrated_copy_of_a_student_as_the_trainer_makes_it(bench_host, tmp_path, monkeypatch):
+    """The bench's calibration stage: a copy of the student with the trainer's calibration (here 2
+    prompts at 2 steps, to stay fast), cached by criterion; the student file itself is not changed."""
+    import hashlib
+
+    from trainer.lora_format import read_header_metadata
+
+    monkeypatch.setattr(quality, "WORK", tmp_path)
+    monkeypatch.setattr(quality, "CALIBRATION_PROMPTS", 2)
+    monkeypatch.setattr(quality, "STUDENT_STEPS", (2,))
+    student = tmp_path / "student.safetensors"
+    student.write_bytes((quality.REPO / "demo" / "loras" / "demo_tdd_lora.safetensors").read_bytes())
+    before = hashlib.sha256(student.read_bytes()).hexdigest()
+    data = quality.write_data(quality.PRESETS["smoke"])
+    out, record = quality.calibrate_student(student, data, "pixel+saturation")
+    assert out.name == "student_calibrated_pixel_saturation.safetensors" and not record["cached"]
+    assert hashlib.sha256(student.read_bytes()).hexdigest() == before
+    table = json.loads(read_header_metadata(out)["tdd_calibration"])
+    assert table["prompts"] == 2 and table["criterion"] == "pixel+saturation"
+    assert set(record["best"]) == {"2", "4"}  # the bench's steps, and the method's recommended 4
+    assert record["best"]["2"] == [table["best"]["2"]["guidance"], table["best"]["2"]["eta"]]
+    assert quality.calibrate_student(student, data, "pixel+saturation")[1]["cached"]
 
 
 def test_stacked_prompts_condition_their_own_batch_item(bench_host):
@@ -152,6 +180,7 @@ def test_report_from_constructed_runs(tmp_path):
     runs += [_run("tdd", "TDD", s, real) for s in quality.STUDENT_STEPS]
     runs += [_run("lcm", "LCM", s, wrong) for s in quality.STUDENT_STEPS]
     runs += [_run("tdd_sweep", "TDD", quality.SWEEP_STEPS, real, g) for g in quality.SWEEP_SCALES]
+    runs += [quality.Run("tdd_cal", "TDD, calibrated", s, 1.3, real, 0.0, eta=0.1) for s in quality.STUDENT_STEPS]
     preset = dataclasses.replace(quality.PRESETS["smoke"], samples=n, n_boot=50, fd_boot=3)
     reference = quality.score(runs, prompts, preset)
 
@@ -159,17 +188,24 @@ def test_report_from_constructed_runs(tmp_path):
     tdd4, lcm4 = (next(r for r in runs if r.method == m and r.steps == 4) for m in ("tdd", "lcm"))
     assert tdd4.metrics["mean"].value == ref_mean
     assert runs[3].metrics["fidelity"].value == 0.0 and runs[0].metrics["fidelity"].value > 0.0
-    assert quality.compare(runs, 4) == [f"at 4 steps TDD ({quality.pct(tdd4.metrics['mean'])}) is ahead of LCM "
-                                        f"({quality.pct(lcm4.metrics['mean'])})"]
+    assert f"at 4 steps TDD ({quality.pct(tdd4.metrics['mean'])}) is ahead of LCM " \
+           f"({quality.pct(lcm4.metrics['mean'])})" in quality.compare(runs, 4)
+    assert any(line.startswith("at 4 steps TDD, calibrated") and "ahead of LCM" in line
+               for line in quality.compare(runs, 4, "tdd_cal"))
 
     plots = quality.write_plots(runs, prompts, tmp_path / "quality")
     doc = tmp_path / "quality.md"
     students = [s for s in quality.STUDENTS if s.name in ("tdd", "lcm")]
     records = {s: {"train_seconds": 60.0, "train_cpu_seconds": 50.0, "cached": False} for s in students}
     records[students[1]] = {**records[students[1]], "cached": True, "side_by_side": 2}
+    calibration = {"criterion": "lowpass", "prompts": 32, "settings_scored": 68, "seconds": 90.0,
+                   "cpu_seconds": 88.0, "best": {"4": [1.3, 0.1]}}
     quality.write_doc(doc, runs, reference, records, plots, "smoke", preset, students,
-                      {"sampling (all configurations)": (1.0, 1.0)})
+                      {"sampling (all configurations)": (1.0, 1.0)}, calibration)
     text = doc.read_text()
+    assert "### TDD, calibrated" in text and "| 4 | 1.3 | 0.1 |" in text and "criterion `lowpass`" in text
+    assert "| calibrate TDD (32 prompts, 68 settings) | 1.5 min |" in text
+    assert "| TDD, calibrated | 4 | " in text
     for label, steps in [("teacher", 25), ("TDD", 2), ("TDD", 8), ("LCM", 6)]:
         assert f"| {label} | {steps} | " in text
     assert f"| {quality.TDD_GUIDANCE} (recommended) |" in text and "| 3.0 |" in text

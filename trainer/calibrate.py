@@ -218,7 +218,10 @@ class Calibrator:
         return torch.randn(self.shape, generator=g)
 
     @torch.no_grad()
-    def _run(self, timesteps: list[int], guidance: float, eta: float, lora_on: bool) -> Sample:
+    def run(self, timesteps: list[int], guidance: float, eta: float, lora_on: bool = True,
+            x0_clip_steps: int = 0) -> Sample:
+        """Every prompt sampled with the TDD sampler over ``timesteps`` (then 0), the LoRA on or off;
+        ``x0_clip_steps`` clamps the x0 prediction of that many first steps (TDD Sampler's option)."""
         t = self.teacher
         sigmas = torch.cat([t.sigmas[timesteps], t.sigmas.new_zeros(1)]).to(t.device)
         out = []
@@ -231,19 +234,20 @@ class Calibrator:
                 # per-item step noise: item i's draws do not depend on the chunking
                 sampler = batch_stable_noise_sampler(x, self.seed + 1, first_index=start)
                 out.append(sample_tdd(t.guided_denoiser(cond, self.empty, guidance), x, sigmas, eta=eta,
-                                      disable=True, noise_sampler=sampler, space=t.space()).float().cpu())
+                                      disable=True, noise_sampler=sampler, space=t.space(),
+                                      x0_clip_steps=x0_clip_steps).float().cpu())
         return Sample(torch.cat(out), self.teacher.decode)
 
     def reference(self) -> Sample:
         """The teacher's image per prompt: LoRA off, :data:`REFERENCE_STEPS` deterministic steps."""
         if self._ref is None:
             steps = torch.linspace(len(self.teacher.sigmas) - 1, 0, REFERENCE_STEPS).round().long().tolist()
-            self._ref = self._run(steps, self.reference_guidance, 0.0, lora_on=False)
+            self._ref = self.run(steps, self.reference_guidance, 0.0, lora_on=False)
         return self._ref
 
     def sample(self, s: Setting) -> Sample:
         """The student's images with the TDD sampler at setting ``s`` (the TDD Scheduler's timesteps)."""
-        return self._run(tdd_timesteps(s.steps), s.guidance, s.eta, lora_on=True)
+        return self.run(tdd_timesteps(s.steps), s.guidance, s.eta)
 
     def describe_reference(self) -> str:
         return f"{REFERENCE_STEPS}-step image at guidance {self.reference_guidance:g}"
