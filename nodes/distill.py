@@ -52,14 +52,52 @@ def preset_options() -> list[str]:
     return [QUICK] + [p for p in trainer_module("config").preset_names() if p != QUICK]
 
 
+#: The ``images`` choice that trains on the ``image_batch`` input instead of a folder.
+BATCH_CHOICE = "(the image_batch input)"
+
+
 def image_folders() -> list[str]:
-    """Sub-folders of ComfyUI's input directory (the training-image folders a user can pick)."""
+    """Sub-folders of ComfyUI's input directory (the training-image folders a user can pick), then
+    :data:`BATCH_CHOICE`."""
     root = folder_paths.get_input_directory()
     out = []
     for dirpath, dirs, _ in os.walk(root, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [os.path.relpath(os.path.join(dirpath, d), root).replace(os.sep, "/") for d in dirs]
-    return sorted(out)
+    return sorted(out) + [BATCH_CHOICE]
+
+
+def batch_captions(captions: str, n: int) -> list[str]:
+    """One caption per image of an IMAGE batch: one line per image, one line for all, or none (no prompt)."""
+    lines = [line.strip() for line in (captions or "").strip().splitlines()]
+    if len(lines) in (0, 1):
+        return [lines[0] if lines else ""] * n
+    if len(lines) != n:
+        raise ValueError(f"TDD Distill: captions has {len(lines)} lines for an image_batch of {n} images; give one "
+                         "line per image, or a single line for all of them")
+    return lines
+
+
+def write_image_batch(image_batch: torch.Tensor, captions: list[str]) -> str:
+    """The IMAGE batch as a training folder under models/tdd_distill_runs/batches: PNGs with .txt
+    captions, named by a hash of pixels and captions, so another batch is another data set (resume
+    and reuse tell them apart) and the same batch is the same one."""
+    from PIL import Image
+    import hashlib
+    import numpy as np
+
+    pixels = (image_batch.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    digest = hashlib.sha256(pixels.tobytes() + "\0".join(captions).encode()).hexdigest()[:16]
+    folder = os.path.join(folder_paths.models_dir, RUNS_FOLDER, "batches", digest)
+    if not os.path.isfile(os.path.join(folder, "complete")):
+        os.makedirs(folder, exist_ok=True)
+        for i, (img, caption) in enumerate(zip(pixels, captions)):
+            name = os.path.join(folder, f"{digest[:8]}_{i:05d}")
+            Image.fromarray(np.ascontiguousarray(img[..., :3])).save(name + ".png")
+            with open(name + ".txt", "w", encoding="utf-8") as f:
+                f.write(caption)
+        open(os.path.join(folder, "complete"), "w").close()
+    return folder
 
 
 def lora_stem(name: str) -> str:
@@ -197,7 +235,8 @@ class TDDDistill(TDDNode):
                 io.Vae.Input("vae", tooltip="The model's VAE (training images are encoded with it)."),
                 io.Combo.Input("images", options=image_folders(),
                                tooltip="A folder under ComfyUI's input directory: images with same-named .txt "
-                                       "captions (an empty .txt trains that image without a prompt)."),
+                                       "captions (an empty .txt trains that image without a prompt); or "
+                                       f"{BATCH_CHOICE} to train on the IMAGE batch wired into image_batch."),
                 io.Combo.Input("method", options=list(METHODS), default="tdd",
                                tooltip="tdd (Target-Driven Distillation), tdd-adv (with the adversarial loss; "
                                        "SD-family models), tcd, lcm."),
@@ -232,6 +271,13 @@ class TDDDistill(TDDNode):
                 io.Combo.Input("base_dtype", options=["auto", "fp32", "bf16", "fp16", "fp8"], default="auto",
                                optional=True,
                                tooltip="Storage dtype of the frozen model while training (auto keeps fp32)."),
+                # (last, so that the widget values of workflows saved before them keep their places)
+                io.Image.Input("image_batch", optional=True,
+                               tooltip=f"Training images as an IMAGE batch (e.g. from Load Image nodes), used when "
+                                       f"images is {BATCH_CHOICE}."),
+                io.String.Input("captions", default="", multiline=True, optional=True,
+                                tooltip="Captions of image_batch: one line per image, or one line for all of them; "
+                                        "empty trains without a prompt."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the new LoRA at its trained scale."),
@@ -254,18 +300,26 @@ class TDDDistill(TDDNode):
 
     @classmethod
     def distill(cls, model, clip, vae, images, method, preset, steps, batch, lr, rank, seed, resolution,
-                lora_name, resume, overwrite, gradient_checkpointing=False, precision="auto",
-                base_dtype="auto") -> io.NodeOutput:
+                lora_name, resume, overwrite, image_batch=None, captions="", gradient_checkpointing=False,
+                precision="auto", base_dtype="auto") -> io.NodeOutput:
         cls.check_values(method=method, preset=preset, steps=steps, batch=batch, lr=lr, rank=rank, seed=seed,
                          resolution=resolution, precision=precision, base_dtype=base_dtype)
         problem = lora_name_problem(lora_name)
         if problem:
             raise ValueError(f"TDD Distill: {problem}")
         data, models = trainer_module("data"), trainer_module("models")
-        folder = os.path.join(folder_paths.get_input_directory(), images)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"TDD Distill: the image folder '{images}' is not in ComfyUI's input directory; "
-                                    "put a folder of images with .txt captions there and refresh (R) the node list")
+        if images == BATCH_CHOICE:
+            if image_batch is None:
+                raise ValueError(f"TDD Distill: images is {BATCH_CHOICE} but nothing is wired into image_batch; "
+                                 "connect an IMAGE batch (e.g. Load Image) or choose a folder")
+            folder = write_image_batch(image_batch, batch_captions(captions, image_batch.shape[0]))
+            images = f"the image_batch of {image_batch.shape[0]}"
+        else:
+            folder = os.path.join(folder_paths.get_input_directory(), images)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"TDD Distill: the image folder '{images}' is not in ComfyUI's input "
+                                        "directory; put a folder of images with .txt captions there and refresh (R) "
+                                        "the node list")
         stem = lora_stem(lora_name)
         cfg = training_config(folder=folder, out="", run_dir="", method=method, preset=preset, steps=steps,
                               batch=batch, lr=lr, rank=rank, seed=seed, resolution=resolution,
@@ -279,7 +333,7 @@ class TDDDistill(TDDNode):
         small = small_images(items, res)
         if small:
             h, w = small[0].size
-            raise ValueError(f"TDD Distill: {len(small)} of {len(items)} images in '{images}' are smaller than the "
+            raise ValueError(f"TDD Distill: {len(small)} of {len(items)} images in {images!r} are smaller than the "
                              f"training resolution {res}px (e.g. {os.path.basename(small[0].path)}: {w}x{h}); set "
                              "resolution to at most their shorter side, or use larger images")
         fp = run_fingerprint(cfg, teacher, items)

@@ -223,6 +223,49 @@ def test_bad_image_folders_are_refused(server, comfy_base, images, kind):
     assert not lora_path(comfy_base, f"bad_{kind}").exists()
 
 
+BATCH = "(the image_batch input)"
+
+
+def batch_graph(name: str, captions: str) -> dict:
+    """TDD Distill on an IMAGE batch: 2 red and 2 blue 64 px images (EmptyImage + ImageBatch)."""
+    graph = distill_graph(name, images=BATCH, captions=captions, image_batch=["5", 0], steps=2)
+    graph["3"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xCC2020}}
+    graph["4"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x2020CC}}
+    graph["5"] = {"class_type": "ImageBatch", "inputs": {"image1": ["3", 0], "image2": ["4", 0]}}
+    return graph
+
+
+def test_an_image_batch_with_captions_is_trained_on(server, comfy_base, images):
+    """An IMAGE batch and one caption per line: the LoRA is written, the batch was saved as a captioned
+    folder named by its content, and the same batch queued again is the same data set (reused)."""
+    name = "distill_batch"
+    captions = "a red square\na red square\na blue square\na blue square"
+    entry = server.run(batch_graph(name, captions), timeout=600)
+    assert lora_path(comfy_base, name).is_file()
+    folders = [f for f in (comfy_base / "models" / "tdd_distill_runs" / "batches").iterdir() if f.is_dir()]
+    texts = sorted(t.read_text() for f in folders for t in f.glob("*.txt"))
+    assert texts == sorted(captions.split("\n")) and len([p for f in folders for p in f.glob("*.png")]) == 4
+    mtime = lora_path(comfy_base, name).stat().st_mtime_ns
+    again = batch_graph(name, captions)
+    again["2"]["inputs"]["overwrite"] = True  # not a training setting: the host's cache does not answer it
+    text = json.dumps(server.run(again, timeout=600)["outputs"])
+    assert "reused" in text and lora_path(comfy_base, name).stat().st_mtime_ns == mtime, text
+    assert entry["outputs"]
+
+
+@pytest.mark.parametrize("captions, wired, expected", [
+    ("one\ntwo\nthree", True, "captions has 3 lines for an image_batch of 4 images"),
+    ("", False, "nothing is wired into image_batch"),
+])
+def test_bad_image_batch_inputs_are_refused(server, comfy_base, images, captions, wired, expected):
+    graph = batch_graph("distill_bad_batch", captions)
+    if not wired:
+        del graph["2"]["inputs"]["image_batch"]
+    text = failure(server, graph)
+    assert expected in text, text
+    assert not lora_path(comfy_base, "distill_bad_batch").exists()
+
+
 def test_resume_of_another_method_is_refused_and_keeps_the_checkpoint(server, comfy_base, images):
     name = "distill_demo_switch"
     status, body = server.queue(distill_graph(name, steps=40, batch=1))
