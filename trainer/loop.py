@@ -27,7 +27,7 @@ from . import adversarial, checkpoint, data, guards, models
 from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
-from .fileio import atomic_path
+from .fileio import atomic_path, fsync_path, remove_stale_temps
 from .lora import LoRANetwork, enable_gradient_checkpointing
 from .lora_format import atomic_save_safetensors, build_metadata
 
@@ -138,7 +138,7 @@ class _Log:
         self.path = run_dir / "log.csv"
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one drops rows after its checkpoint
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if start_step and int(r["step"]) <= start_step]
+                rows = [r for r in csv.DictReader(f) if start_step and _logged_step(r) in range(1, start_step + 1)]
             with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=self.FIELDS)
                 w.writeheader()
@@ -163,11 +163,26 @@ class _Log:
             for k in ("loss", "lr", "grad_norm", "samples_per_s"):
                 self.tb.add_scalar(f"train/{k}", r[k], r["step"])
 
+    def sync(self):
+        """The rows so far on disk (before a checkpoint: a power loss can't leave the log behind it)."""
+        if self.enabled:
+            fsync_path(self.path)
+
     def close(self):
         if self.enabled:
             self.f.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _logged_step(row: dict) -> int:
+    """A log.csv row's step, or 0 for a row a kill cut short (never kept)."""
+    try:
+        if any(row.get(k) in (None, "") for k in _Log.FIELDS):
+            return 0
+        return int(row["step"])
+    except ValueError:
+        return 0
 
 
 def _as_teacher(components, cfg, dtype, device) -> models.Teacher:
@@ -231,6 +246,9 @@ class Run:
         self.out_path = Path(cfg.out)
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # what a process killed mid-write left (never read: loaders open final names only)
+            for p in remove_stale_temps(self.run_dir) + remove_stale_temps(self.out_path.parent, {self.out_path.name}):
+                log.info("removed %s, left by a process killed while writing it", p)
         self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
                                    skipped=len(bad), seed=cfg.seed, center_crop=cfg.center_crop)
         if self.main:
@@ -388,6 +406,8 @@ class Run:
                 state.update(discriminator=self.disc.heads.state_dict(), disc_optimizer=self.disc_opt.state_dict())
             info = {"fingerprint": self.fp, "fingerprint_fields": self.fields, "config": asdict(self.cfg),
                     "world_size": self.ddp.world, "base_arch": self.teacher.arch}
+            if self.logger is not None:
+                self.logger.sync()
             path = checkpoint.save(self.run_dir, self.step, self.network.kohya_state_dict(torch.float32), state, info,
                                    self.cfg.keep_checkpoints)
         self.ddp.barrier()

@@ -1,0 +1,247 @@
+"""The trainer under faults, on the tiny model (CPU): nothing lost.
+
+- kill -9 at seeded random moments (training steps, checkpoint writes, the LoRA write, the cache, timers),
+  each run resumed until done: the same LoRA and loss history as an uninterrupted run, at most one step
+  of work lost per kill, never a partial file where a loader reads.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer_fixtures as fx
+
+from trainer import checkpoint
+from trainer.lora_format import read_header_metadata
+
+pytestmark = pytest.mark.usefixtures("trainer_host")
+
+PY, REPO = sys.executable, fx.REPO
+TEMP = re.compile(r"^\..+\.(tmp|old)-\d+$")
+
+
+def loads(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fx_train(data, tmp, components, **kw):
+    from trainer.loop import train
+
+    return train(fx.train_config(data, tmp, **kw), components=components)
+
+
+def log_rows(run_dir) -> list[tuple[int, float]]:
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def temps(*folders) -> list[Path]:
+    """What atomic writes and removals left under temporary names (never read by a loader)."""
+    return sorted(p for d in folders if Path(d).is_dir() for p in Path(d).iterdir() if TEMP.match(p.name))
+
+
+def assert_loadable(tmp: Path, max_steps: int) -> int:
+    """Everything a loader would open in ``tmp`` is complete: the LoRA at --out, ``latest`` and every
+    checkpoint folder, the latent cache, log.csv (steps 1..m, each once). -> the step ``latest`` names."""
+    out, run_dir = tmp / "lora.safetensors", tmp / "run"
+    if out.exists():
+        assert loads(out) and int(read_header_metadata(out)["tdd_training_steps"]) == max_steps
+    for step, ckpt in checkpoint.checkpoints(run_dir, complete=False).items():
+        assert loads(ckpt / "lora.safetensors"), ckpt
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        assert state["step"] == step and json.loads((ckpt / "run.json").read_text())["fingerprint"]
+    for record in (tmp / "cache").glob("*.safetensors"):
+        assert {"mean", "logvar", "context"} <= set(loads(record))
+    steps = [s for s, _ in log_rows(run_dir)]
+    assert steps == list(range(1, len(steps) + 1)), steps
+    if (run_dir / "latest").exists():
+        latest = checkpoint.latest(run_dir)
+        assert latest is not None, (run_dir / "latest").read_text()
+        return int(latest.name.split("-")[1])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9
+# ------------------------------------------------------------------------------------------------
+class Zygote:
+    """``tests/fault_zygote.py`` in a subprocess: forks one training attempt per request."""
+
+    def __init__(self, log_path: Path):
+        self.stderr = open(log_path, "w")
+        self.proc = subprocess.Popen([PY, str(REPO / "tests" / "fault_zygote.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=fx.subprocess_env(),
+                                     cwd=log_path.parent)
+        ready = json.loads(self.proc.stdout.readline() or "{}")
+        assert ready.get("ready"), log_path.read_text()[-3000:]
+
+    def attempt(self, cfg: dict, kill: dict | None, progress: Path) -> tuple[dict, list[dict]]:
+        """One training attempt -> (the zygote's reply, the child's progress records)."""
+        self.proc.stdin.write(json.dumps({"cfg": cfg, "kill": kill, "progress": str(progress)}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        records = [json.loads(x) for x in progress.read_text().splitlines()] if progress.exists() else []
+        errors = [r["error"] for r in records if "error" in r]
+        assert not errors, errors[0]
+        return reply, records
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    z = Zygote(tmp_path_factory.mktemp("zygote") / "zygote.log")
+    yield z
+    z.close()
+
+
+KILL_STEPS = 6
+#: Kill points by what they hit; "timer" kills at a random moment instead.
+CATEGORIES = {"step": ("forward", "log_row"), "checkpoint": ("ckpt_file", "ckpt_dir", "latest", "prune", "prune_rm"),
+              "lora": ("lora",), "cache": ("cache",)}
+
+
+def kill_cfg(data, tmp: Path, resume: bool) -> dict:
+    return dict(data=str(data), out=str(tmp / "lora.safetensors"), run_dir=str(tmp / "run"),
+                cache_dir=str(tmp / "cache"), resolution=fx.RESOLUTION, rank=4, alpha=2, lr=1e-3,
+                lr_schedule="warmup", warmup_steps=3, max_steps=KILL_STEPS, batch_size=1, save_every=1,
+                keep_checkpoints=2, device="cpu", progress=False, num_workers=0,
+                resume=str(tmp / "run") if resume else None)
+
+
+def choose_kill(rng: random.Random, category: str, census: list[dict], done: int, timing: tuple[float, float]):
+    """A kill plan of ``category`` that the next attempt reaches: an event of a step after ``done`` (the
+    newest checkpoint on disk; the cache is only written before the first one), or a random moment."""
+    if category == "timer":
+        setup, per_step = timing
+        return {"timer": rng.uniform(0.1, 1.0) * (setup + (KILL_STEPS - done) * per_step)}
+    later = [e for e in census if e["label"][0] in CATEGORIES[category] and done < e["label"][1] <= done + 2
+             or category == "lora" and e["label"][0] == "lora"]
+    if not later:
+        return None
+    event = rng.choice(later)
+    return {"label": event["label"], "mode": rng.choice(event["modes"])}
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_loses_nothing(zygote, tmp_path):
+    """Seeded: 5 runs of 6 steps (save every step), each killed with SIGKILL 6 times - in a training step,
+    in a checkpoint write (a file cut short, before or after a rename, the old checkpoint half removed), in
+    the final LoRA write, in the latent cache, at a random moment - and resumed after every kill. Each ends
+    with the uninterrupted run's LoRA (bit for bit) and loss history (each step once); after every kill
+    the files a loader reads are complete and at most one completed step is lost."""
+    data = fx.make_images(tmp_path / "data", 4)
+    ref_dir = tmp_path / "reference"
+    census_path = tmp_path / "census.jsonl"
+    reply, records = zygote.attempt(kill_cfg(data, ref_dir, False), {"census": str(census_path)},
+                                    tmp_path / "reference.progress")
+    assert reply["exit"] == 0 and records[-1]["done"] == "done"
+    census = [json.loads(x) for x in census_path.read_text().splitlines()]
+    first_forward = next(e["t"] for e in census if e["label"][0] == "forward")
+    timing = (first_forward, (census[-1]["t"] - first_forward) / KILL_STEPS)
+    reference, ref_log = loads(ref_dir / "lora.safetensors"), log_rows(ref_dir / "run")
+    assert [s for s, _ in ref_log] == list(range(1, KILL_STEPS + 1))
+
+    rng = random.Random(20240611)
+    kills, stray, started, scenario = [], set(), time.perf_counter(), -1
+    while scenario < 4 or len(kills) < 30:  # (a timer can fire after a short resumed attempt has finished)
+        scenario += 1
+        assert scenario < 10, kills
+        tmp = tmp_path / f"run{scenario}"
+        plan_categories = rng.sample(["step", "step", "checkpoint", "checkpoint", "timer"], 5) + ["lora"]
+        if scenario == 0:
+            plan_categories = ["cache"] + plan_categories[1:]
+        done, finished = 0, False
+        for n, category in enumerate(plan_categories + [None]):
+            kill = choose_kill(rng, category, census, done, timing) if category else None
+            if category and kill is None:
+                continue
+            progress = tmp / f"attempt{n}.progress"
+            tmp.mkdir(exist_ok=True)
+            reply, records = zygote.attempt(kill_cfg(data, tmp, (tmp / "run" / "latest").exists()), kill, progress)
+            if reply["exit"] == 0:
+                finished = True
+                break
+            assert reply["signal"] == signal.SIGKILL, reply
+            completed = max([done] + [r["step"] for r in records if "step" in r and "done" not in r])
+            hit = next((r["killed_at"] + [r["mode"]] for r in records if "killed_at" in r),
+                       ["timer", kill.get("timer")])
+            stray.update(p.name for p in temps(tmp / "run", tmp, tmp / "cache"))
+            now = assert_loadable(tmp, KILL_STEPS)
+            assert done <= now and completed - now <= 1, (hit, completed, now)  # at most one step of work lost
+            kills.append({"scenario": scenario, "category": category, "hit": hit, "lost": completed - now})
+            done = max([now] + list(checkpoint.checkpoints(tmp / "run")))
+        assert finished, f"run {scenario} did not finish after its kills: {kills}"
+        assert same_tensors(loads(tmp / "lora.safetensors"), reference)
+        assert log_rows(tmp / "run") == ref_log  # every step once, the same losses
+        assert temps(tmp / "run", tmp) == []  # what the kills left was cleaned on resume
+
+    logging.getLogger(__name__).info(
+        "kill harness: %d kills in %d runs (%s), %d steps lost in all (at most %d per kill), %.0f s; %d temporary "
+        "files left by kills, all cleaned on resume; %s", len(kills), scenario + 1,
+        ", ".join(f"{c} {n}" for c, n in Counter(k["category"] for k in kills).most_common()),
+        sum(k["lost"] for k in kills), max(k["lost"] for k in kills), time.perf_counter() - started, len(stray), kills)
+    assert len(kills) >= 20 and {"step", "checkpoint", "lora", "cache", "timer"} <= {k["category"] for k in kills}
+    assert any(k["hit"][-1] == "partial" for k in kills) and stray  # files cut short mid-write were left, and ignored
+
+
+@pytest.mark.parametrize("earlier_steps", [1, 3])
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_without_a_dangling_latest(tiny_sd15, train_images, tmp_path,
+                                                                                      earlier_steps):
+    """Another run's checkpoints in --run-dir (the same step, and later steps): each save of the fresh run
+    leaves ``latest`` naming a complete checkpoint of the fresh run, and the earlier ones go."""
+    fx_train(train_images, tmp_path / "a", tiny_sd15, max_steps=earlier_steps, save_every=1, keep_checkpoints=3,
+             run_dir=str(tmp_path / "run"))
+    seen = []
+
+    def after_step(run, row):
+        seen.append((checkpoint.latest(run.run_dir), sorted(checkpoint.checkpoints(run.run_dir))))
+
+    from trainer.loop import train
+    r = train(fx.train_config(train_images, tmp_path / "b", max_steps=2, save_every=1, seed=9,
+                              run_dir=str(tmp_path / "run")), components=tiny_sd15, on_step=after_step)
+    assert seen[1][0].name == "checkpoint-000001"  # at step 2, before its save: the fresh run's step 1
+    runs = {json.loads((p / "run.json").read_text())["fingerprint"]
+            for p in checkpoint.checkpoints(tmp_path / "run").values()}
+    assert sorted(checkpoint.checkpoints(tmp_path / "run")) == [1, 2] and r["checkpoint"].endswith("checkpoint-000002")
+    assert len(runs) == 1 and checkpoint.latest(tmp_path / "run").name == "checkpoint-000002"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    """Only a dead process's temporaries of the named targets go; this process's own, and other files, stay."""
+    from trainer.fileio import remove_stale_temps
+
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    for name in (f".latest.tmp-{dead}", f".checkpoint-000003.old-{dead}", f".lora.safetensors.tmp-{dead}",
+                 f".latest.tmp-{os.getpid()}", ".hidden", "latest"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / f".checkpoint-000004.tmp-{dead}").mkdir()
+    removed = {p.name for p in remove_stale_temps(tmp_path, {"latest", "checkpoint-000003", "checkpoint-000004"})}
+    assert removed == {f".latest.tmp-{dead}", f".checkpoint-000003.old-{dead}", f".checkpoint-000004.tmp-{dead}"}
+    assert {p.name for p in tmp_path.iterdir()} == {f".lora.safetensors.tmp-{dead}", f".latest.tmp-{os.getpid()}",
+                                                   ".hidden", "latest"}
