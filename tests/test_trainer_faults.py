@@ -2,7 +2,9 @@
 
 - kill -9 at seeded random moments (training steps, checkpoint writes, the LoRA write, the cache, timers),
   each run resumed until done: the same LoRA and loss history as an uninterrupted run, at most one step
-  of work lost per kill, never a partial file where a loader reads.
+  of work lost per kill, never a partial file where a loader reads;
+- a full disk (a real size-limited tmpfs where the system allows one, and an injected ENOSPC): one clear
+  error, the last good checkpoint and an earlier LoRA intact, an exact resume once space is freed.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +248,157 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert removed == {f".latest.tmp-{dead}", f".checkpoint-000003.old-{dead}", f".checkpoint-000004.tmp-{dead}"}
     assert {p.name for p in tmp_path.iterdir()} == {f".lora.safetensors.tmp-{dead}", f".latest.tmp-{os.getpid()}",
                                                    ".hidden", "latest"}
+
+
+# ------------------------------------------------------------------------------------------------
+# a full disk
+# ------------------------------------------------------------------------------------------------
+def digest(*paths) -> dict:
+    """The bytes of every file under ``paths`` (files or folders)."""
+    out = {}
+    for path in map(Path, paths):
+        for p in [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file()):
+            out[str(p)] = p.read_bytes()
+    return out
+
+
+def run_cli(argv, components, caplog) -> tuple[int, list[logging.LogRecord]]:
+    from trainer.distill import main
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = main([str(a) for a in argv], components=components)
+    return rc, [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def fill_disk_at(monkeypatch, pattern: str) -> list[str]:
+    """Writes of safetensors files whose path matches ``pattern`` fail as on a full disk: with the error
+    safetensors raises there (seen on a full tmpfs: its Rust writer keeps the OS message, not the errno)."""
+    import safetensors
+    import safetensors.torch
+
+    real, refused = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        if re.search(pattern, str(filename)):
+            refused.append(str(filename))
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                              "(os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    return refused
+
+
+def test_disk_full_stops_cleanly_keeps_everything_and_resumes_exactly(tiny_sd15, train_images, tmp_path,
+                                                                       monkeypatch, caplog):
+    """ENOSPC injected at a checkpoint write, then at the final LoRA write: each time exit status 3 and one
+    error (no traceback) naming the file, the last good checkpoint and the resume command; the earlier
+    checkpoint and the earlier LoRA at --out stay byte for byte; resumed once space is free, the run ends
+    with the uninterrupted run's LoRA and loss history."""
+    settings = ("--batch-size", 1, "--save-every", 1, "--lr-schedule", "warmup", "--warmup-steps", 3)
+    straight = tmp_path / "straight"
+    assert run_cli(fx.tiny_args(train_images, straight, "--max-steps", 4, *settings), tiny_sd15, caplog)[0] == 0
+    run, out = tmp_path / "run", tmp_path / "lora.safetensors"
+
+    def args(steps, *more):
+        return fx.tiny_args(train_images, tmp_path, "--max-steps", steps, *settings, *more)
+
+    assert run_cli(args(2), tiny_sd15, caplog)[0] == 0  # an earlier LoRA at --out (2 steps)
+    kept = digest(out, run / "checkpoint-000002")
+
+    with monkeypatch.context() as m:  # the disk fills up during the checkpoint of step 3
+        refused = fill_disk_at(m, r"checkpoint-000003")
+        rc, errors = run_cli(args(4, "--resume", run), tiny_sd15, caplog)
+    assert rc == 3 and refused and len(errors) == 1 and not errors[0].exc_info
+    msg = errors[0].getMessage()
+    assert f"could not write {run / 'checkpoint-000003' / 'lora.safetensors'}" in msg and "disk is full" in msg
+    assert f"the last good checkpoint is {run / 'checkpoint-000002'} (step 2)" in msg and f"{out} is untouched" in msg
+    assert "Free space" in msg and f"continue with --resume {run}" in msg
+    assert digest(out, run / "checkpoint-000002") == kept and checkpoint.latest(run).name == "checkpoint-000002"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000001", "checkpoint-000002", "latest", "log.csv"]
+
+    with monkeypatch.context() as m:  # space freed; then the disk fills up as the final LoRA is written
+        refused = fill_disk_at(m, "^" + re.escape(str(tmp_path / ".lora.safetensors.tmp-")))
+        rc, errors = run_cli(args(4, "--resume", run), tiny_sd15, caplog)
+    assert rc == 3 and refused and len(errors) == 1
+    msg = errors[0].getMessage()
+    assert f"could not write {out}" in msg and f"last good checkpoint is {run / 'checkpoint-000004'} (step 4)" in msg
+    assert digest(out) == {k: v for k, v in kept.items() if k == str(out)}  # the earlier LoRA, byte for byte
+
+    assert run_cli(args(4, "--resume", run), tiny_sd15, caplog)[0] == 0  # space freed
+    assert same_tensors(loads(out), loads(straight / "lora.safetensors"))
+    assert log_rows(run) == log_rows(straight / "run")
+    assert temps(run, tmp_path) == []
+
+
+def _user_namespaces_work() -> bool:
+    if not shutil.which("unshare") or not Path("/proc/self/ns/mnt").exists():
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_disk_full_on_a_real_tmpfs(train_images, tmp_path):
+    """The CLI on a real 8 MB tmpfs (private to a user namespace), filled up to half a checkpoint: exit
+    status 3 with one message, the LoRA and the checkpoint unchanged, no leftovers; after the filler is
+    deleted the resume ends as the uninterrupted run."""
+    if not _user_namespaces_work():
+        pytest.skip("no unprivileged user and mount namespaces here (unshare -rm): can't mount a small tmpfs; "
+                    "test_disk_full_stops_cleanly_keeps_everything_and_resumes_exactly injects ENOSPC instead")
+    disk, results = tmp_path / "disk", tmp_path / "results"
+    disk.mkdir()
+    results.mkdir()
+    script = (f"mount -t tmpfs -o size=8m tmpfs '{disk}' && exec '{PY}' '{REPO / 'tests' / 'fault_tmpfs.py'}' "
+              f"'{train_images}' '{disk}' '{results}'")
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=fx.subprocess_env(), capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((results / "result.json").read_text())
+    assert (r["first"], r["full"], r["resumed"]) == (0, 3, 0), r
+    assert len(r["errors"]) == 1 and not r["errors"][0]["traceback"], r["errors"]
+    msg = r["errors"][0]["message"]
+    assert "disk is full" in msg and "No space left on device" in msg and "could not write" in msg
+    assert f"last good checkpoint is {disk / 'run' / r['checkpoint']}" in msg and "--resume" in msg
+    assert r["unchanged"] and r["latest"] == r["checkpoint"] and r["temps"] == []
+    from trainer.loop import train
+    straight = train(fx.train_config(train_images, tmp_path / "straight", max_steps=4, batch_size=1, save_every=1),
+                     components=fx.tiny_sd15(0))
+    assert same_tensors(loads(results / "lora.safetensors"), loads(straight["out"]))
+    assert log_rows(results) == log_rows(tmp_path / "straight" / "run")
+
+
+def test_disk_full_is_told_apart_from_other_write_errors(tmp_path, monkeypatch):
+    """The shapes a full disk takes (OSError ENOSPC/EDQUOT; torch's RuntimeError over it; safetensors' text),
+    and an atomic write that meets one: DiskFullError naming the file, nothing left behind."""
+    import errno
+
+    import safetensors
+
+    from trainer import fileio
+
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    wrapped.__context__ = OSError(errno.ENOSPC, "No space left on device")  # torch.save into a Python file
+    assert fileio.is_disk_full(wrapped) and fileio.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert fileio.is_disk_full(safetensors.SafetensorError("Error while serializing: I/O error: No space left on "
+                                                           "device (os error 28)"))
+    assert not fileio.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not fileio.is_disk_full(ValueError("28 images"))
+
+    class FullFile:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio, "open", lambda path, mode: (Path(path).touch(), FullFile())[1], raising=False)
+    target = tmp_path / "f.bin"
+    with pytest.raises(fileio.DiskFullError, match=f"disk is full: could not write {re.escape(str(target))}$"):
+        fileio.atomic_write_bytes(target, b"data")
+    assert not target.exists() and temps(tmp_path) == []

@@ -1,5 +1,5 @@
-"""File helpers shared by the trainer (no ComfyUI): atomic, durable writes; cleaning temporary files a
-killed process left; loading a module from a path."""
+"""File helpers shared by the trainer (no ComfyUI): atomic, durable writes; telling a full disk from other
+write errors; cleaning temporary files a killed process left; loading a module from a path."""
 from __future__ import annotations
 
 import contextlib
@@ -12,15 +12,61 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+#: errno values of "no room left": a full file system and an exhausted disk quota.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: How libraries that lose the errno say it (safetensors' Rust writer: "... (os error 28)").
+_DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|StorageFull|QuotaExceeded|"
+                             rf"os error ({errno.ENOSPC}|{errno.EDQUOT})\b")
 #: Temporary names: ``.<name>.tmp-<pid>`` (:func:`atomic_path`), ``.<name>.old-<pid>`` (:func:`remove_atomically`).
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)$")
+
+
+class DiskFullError(Exception):
+    """A write failed because the disk (or the user's quota) is full. ``path``: the file being written.
+    Not an ``OSError`` on purpose: code that skips unreadable inputs (``except OSError``) must not swallow it."""
+
+    def __init__(self, path, cause: BaseException | None = None, message: str | None = None):
+        self.path, self.cause = Path(path), cause
+        super().__init__(message or f"the disk is full: could not write {self.path}")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it was raised from) says the disk or the quota is full. torch and
+    safetensors wrap the OS error (RuntimeError, SafetensorError), so their chain and text are searched too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if _DISK_FULL_TEXT.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe_disk(path) -> str:
+    """"N MB free on <mount point>" for the file system holding ``path`` (best effort: a message helper)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return f"file system of {p}"
+    mount = p
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return f"{free / 2 ** 20:.1f} MB free on {mount}"
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to ``path``; on success it is made durable (fsync) and renamed onto
     ``path`` (``os.replace``, then the folder is fsynced), on error it is removed. Readers never see a
-    half-written file (or folder), after a crash of the process or - thanks to the fsyncs - of the machine."""
+    half-written file (or folder), after a crash of the process or - thanks to the fsyncs - of the machine.
+    A write that fails because the disk is full raises :class:`DiskFullError` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
@@ -30,6 +76,14 @@ def atomic_path(path):
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
+    except DiskFullError as e:
+        if tmp in e.path.parents:  # a file inside a folder being built: name it where it was going
+            raise DiskFullError(path / e.path.relative_to(tmp), e.cause) from e.cause
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFullError(path, e) from e
+        raise
     finally:
         _remove(tmp)
 

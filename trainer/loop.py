@@ -27,7 +27,7 @@ from . import adversarial, checkpoint, data, guards, models
 from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
-from .fileio import atomic_path, fsync_path, remove_stale_temps
+from .fileio import DiskFullError, atomic_path, describe_disk, fsync_path, is_disk_full, remove_stale_temps
 from .lora import LoRANetwork, enable_gradient_checkpointing
 from .lora_format import atomic_save_safetensors, build_metadata
 
@@ -157,8 +157,13 @@ class _Log:
     def row(self, **r):
         if not self.enabled:
             return
-        self.w.writerow(r)
-        self.f.flush()
+        try:
+            self.w.writerow(r)
+            self.f.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(self.path, e) from e
+            raise
         if self.tb is not None:
             for k in ("loss", "lr", "grad_norm", "samples_per_s"):
                 self.tb.add_scalar(f"train/{k}", r[k], r["step"])
@@ -170,7 +175,10 @@ class _Log:
 
     def close(self):
         if self.enabled:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError as e:  # a row the full disk refused: already reported as DiskFullError
+                log.debug("log.csv: %s", e)
             if self.tb is not None:
                 self.tb.close()
 
@@ -204,6 +212,8 @@ def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (
     checkpointed, so a resume continues exactly.
 
     Returns ``{"status": "done"|"interrupted", "step", "out", "checkpoint", "losses", "skipped_images"}``.
+    A write that fails because the disk is full raises :class:`trainer.fileio.DiskFullError` whose message
+    names the file, the last good checkpoint and how to continue.
     """
     if components is not None and not cfg.teacher:
         cfg.teacher = "<components>"
@@ -217,6 +227,8 @@ def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (
         try:
             run.resume()
             return run.run()
+        except DiskFullError as e:
+            raise run.disk_full(e) from e
         finally:
             run.close()
     finally:
@@ -284,6 +296,21 @@ class Run:
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
         self.stop.set = True
+
+    def disk_full(self, e: DiskFullError) -> DiskFullError:
+        """``e`` with what to do: the last good checkpoint, the LoRA at --out left as it was, how to continue."""
+        last = checkpoint.latest(self.run_dir)
+        kept = (f"the last good checkpoint is {last} (step {int(last.name.rsplit('-', 1)[1])})" if last
+                else "there is no checkpoint yet")
+        out = f"; {self.out_path} is untouched" if self.out_path.exists() and e.path != self.out_path else ""
+        how = f"continue with --resume {self.run_dir}" if last else "start the run again"
+        return DiskFullError(e.path, e.cause, f"{e}{' (' + str(e.cause) + ')' if e.cause else ''}. Nothing is lost: "
+                             f"{kept}{out}. Free space ({describe_disk(e.path)} now; a checkpoint needs about "
+                             f"{self._checkpoint_bytes() / 2 ** 20:.1f} MB), then {how}")
+
+    def _checkpoint_bytes(self) -> int:
+        last = checkpoint.latest(self.run_dir)
+        return sum(f.stat().st_size for f in last.iterdir()) if last else 0
 
     # ---- resume ------------------------------------------------------------------------------
     def resume(self) -> None:
