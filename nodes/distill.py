@@ -271,7 +271,7 @@ class TDDDistill(TDDNode):
                               batch=batch, lr=lr, rank=rank, seed=seed, resolution=resolution,
                               gradient_checkpointing=gradient_checkpointing, precision=precision,
                               base_dtype=base_dtype)
-        items, _ = data.scan(folder)
+        items, _ = data.scan(folder, warn=False)  # the trainer warns about bad files when it scans again
         comfy.model_management.load_models_gpu([model])  # the host applies the model's own patches first
         release_inference_tensors(model.model)
         teacher = models.from_components(model, clip, vae, name=type(model.model).__name__)

@@ -4,7 +4,10 @@
   each run resumed until done: the same LoRA and loss history as an uninterrupted run, at most one step
   of work lost per kill, never a partial file where a loader reads;
 - a full disk (a real size-limited tmpfs where the system allows one, and an injected ENOSPC): one clear
-  error, the last good checkpoint and an earlier LoRA intact, an exact resume once space is freed.
+  error, the last good checkpoint and an earlier LoRA intact, an exact resume once space is freed;
+- bad data (corrupt, truncated, empty, not an image, a caption that is not UTF-8): skipped with one
+  warning each and counted in the LoRA's metadata, or refused up front with --strict-data; the order of
+  the rest is the same in every process.
 """
 from __future__ import annotations
 
@@ -402,3 +405,91 @@ def test_disk_full_is_told_apart_from_other_write_errors(tmp_path, monkeypatch):
     with pytest.raises(fileio.DiskFullError, match=f"disk is full: could not write {re.escape(str(target))}$"):
         fileio.atomic_write_bytes(target, b"data")
     assert not target.exists() and temps(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# bad data
+# ------------------------------------------------------------------------------------------------
+BAD_FILES = {  # name -> what is wrong with it, as the warning says
+    "corrupt.png": "truncated or corrupt image",
+    "empty.jpg": "empty file (0 bytes)",
+    "text.webp": "not an image PIL can read",
+    "truncated.png": "truncated or corrupt image",
+    "latin1.png": "its caption latin1.txt is not valid UTF-8 (byte 0xe9 at offset 5)",
+}
+
+
+def bad_data_folder(folder: Path, order=None) -> Path:
+    """4 good captioned images and one of each kind of bad file (``order``: the good ones' creation order)."""
+    good = fx.make_images(folder / "src", 4)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in sorted(p.name for p in good.iterdir()) if order is None else order:
+        shutil.copy(good / name, folder / name)
+    shutil.rmtree(good)
+    png = (folder / "img_000.png").read_bytes()
+    (folder / "corrupt.png").write_bytes(png[:60] + bytes(range(256)) * 4)  # valid header, garbage data
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.webp").write_text("this is not an image\n")
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    shutil.copy(folder / "img_001.png", folder / "latin1.png")
+    (folder / "latin1.txt").write_bytes("a café in the rain".encode("latin-1"))
+    for name in BAD_FILES:
+        if name != "latin1.png":
+            (folder / name).with_suffix(".txt").write_text("a caption")
+    return folder
+
+
+def test_bad_files_are_skipped_with_one_warning_each_and_counted(tiny_sd15, tmp_path, caplog):
+    data = bad_data_folder(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        r = fx_train(data, tmp_path, tiny_sd15, max_steps=1)
+    assert r["status"] == "done" and r["skipped_images"] == len(BAD_FILES)
+    for name, why in BAD_FILES.items():
+        named = [rec.getMessage() for rec in caplog.records if name in rec.getMessage()]
+        assert len(named) == 1 and why in named[0], (name, named)
+    meta = read_header_metadata(r["out"])
+    assert json.loads(meta["tdd_skipped_files"]) == len(BAD_FILES)
+    assert sorted(json.loads(meta["tdd_skipped_names"])) == sorted(BAD_FILES)
+    info = json.loads((Path(r["checkpoint"]) / "run.json").read_text())
+    assert info["skipped_files"] == len(BAD_FILES) and sorted(info["skipped_names"]) == sorted(BAD_FILES)
+
+
+def test_strict_data_refuses_bad_files_before_the_teacher_loads(tmp_path, caplog, monkeypatch):
+    from trainer import loop
+
+    data = bad_data_folder(tmp_path / "data")
+    monkeypatch.setattr(loop, "_as_teacher", lambda *a: pytest.fail("the teacher was loaded"))
+    rc, errors = run_cli(fx.tiny_args(data, tmp_path, "--strict-data"), None, caplog)
+    assert rc == 2 and len(errors) == 1
+    msg = errors[0].getMessage()
+    assert msg.startswith(f"--strict-data: {len(BAD_FILES)} bad file(s) in {data}") and "drop --strict-data" in msg
+    for name, why in BAD_FILES.items():
+        assert f"{data / name} ({why}" in msg
+    toml = tmp_path / "strict.toml"
+    toml.write_text("strict-data = true\n")
+    from trainer.config import parse_args
+    assert parse_args(["--config", str(toml), "--teacher", "t", "--data", "d"]).strict_data
+
+
+ORDER_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from trainer import data
+items, bad = data.scan(sys.argv[1], workers=int(sys.argv[2]))
+print(json.dumps([__import__("os").path.basename(items[data.global_order(7, g, len(items))].path)
+                  for g in range(3 * len(items))]))
+"""
+
+
+@pytest.mark.slow
+def test_data_order_is_the_same_in_every_process(tmp_path):
+    """Two copies of a folder with bad files, the good images created in opposite orders, scanned in two
+    processes (one decoding with 4 threads): the same training order (seeded permutation per epoch)."""
+    a = bad_data_folder(tmp_path / "a")
+    b = bad_data_folder(tmp_path / "b", order=[f"img_{i:03d}{ext}" for i in (3, 2, 1, 0) for ext in (".txt", ".png")])
+    script = ORDER_SCRIPT.format(repo=str(REPO))
+    orders = [json.loads(subprocess.run([PY, "-c", script, str(folder), workers], env=fx.subprocess_env(),
+                                        capture_output=True, text=True, check=True, timeout=300).stdout)
+              for folder, workers in ((a, "1"), (b, "4"))]
+    assert orders[0] == orders[1] and set(orders[0]) == {f"img_{i:03d}.png" for i in range(4)}
+    assert orders[0][:4] != orders[0][4:8]  # a new permutation each epoch

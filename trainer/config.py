@@ -73,6 +73,7 @@ class TrainConfig:
     cache_dir: str | None = None
     num_workers: int = 2
     center_crop: bool = False           # default: a random crop per sample (the reference's)
+    strict_data: bool = False           # a bad image or caption is an error before training, not skipped
     preset: str | None = None           # trainer/presets/<name>.toml under the TOML file and the flags
     # bookkeeping
     save_every: int = 500
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         "empty_prompt_prob": "probability of training on the empty prompt; default 0.2 for SD, 0 for FLUX",
         "data": "folder of images with same-named .txt captions, or a .jsonl of {\"path\", \"caption\"}",
         "out": "output LoRA file (default tdd_lora.safetensors)",
+        "strict_data": "stop before training when any image is corrupt, truncated, empty or not an image, or a "
+                       "caption is not UTF-8 (default: skip each with a warning, counted in the LoRA's metadata)",
         "run_dir": "folder for checkpoints, log.csv and validation grids (default: <out>_run)",
         "resume": "continue from a run folder or one of its checkpoint-NNNNNN folders",
         "method": "target selection: tdd (default), tcd, lcm",

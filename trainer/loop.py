@@ -11,6 +11,7 @@ B/N follow the same trajectory as one process with batch B.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -245,7 +246,8 @@ class Run:
         self.device, self.main = ddp.device, ddp.rank == 0
         models.ensure_host(str(self.device))
         self.precision, self.base_dtype = resolve_precision(cfg, self.device)
-        self.items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
+        # before the (slow) teacher load: bad data fails fast
+        self.items, self.bad_files = data.scan(cfg.data, strict=cfg.strict_data, workers=max(1, cfg.num_workers))
         self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
         cfg.apply_family_defaults(teacher.arch)  # unset loss/lr/... take the family's defaults (FLUX: §5.1)
         warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
@@ -262,11 +264,11 @@ class Run:
             for p in remove_stale_temps(self.run_dir) + remove_stale_temps(self.out_path.parent, {self.out_path.name}):
                 log.info("removed %s, left by a process killed while writing it", p)
         self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
-                                   skipped=len(bad), seed=cfg.seed, center_crop=cfg.center_crop)
+                                   skipped=len(self.bad_files), seed=cfg.seed, center_crop=cfg.center_crop)
         if self.main:
             log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
-                     teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution, len(bad),
-                     ddp.world)
+                     teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution,
+                     len(self.bad_files), ddp.world)
         self.network = LoRANetwork(teacher.lora_targets(), cfg.rank, cfg.alpha, seed=cfg.seed).to(self.device).attach()
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(teacher.checkpoint_blocks())
@@ -432,13 +434,28 @@ class Run:
             if self.disc is not None:
                 state.update(discriminator=self.disc.heads.state_dict(), disc_optimizer=self.disc_opt.state_dict())
             info = {"fingerprint": self.fp, "fingerprint_fields": self.fields, "config": asdict(self.cfg),
-                    "world_size": self.ddp.world, "base_arch": self.teacher.arch}
+                    "world_size": self.ddp.world, "base_arch": self.teacher.arch,
+                    **self.skipped_summary()}
             if self.logger is not None:
                 self.logger.sync()
             path = checkpoint.save(self.run_dir, self.step, self.network.kohya_state_dict(torch.float32), state, info,
                                    self.cfg.keep_checkpoints)
         self.ddp.barrier()
         return path
+
+    def skipped_files(self) -> list[data.BadFile]:
+        """The training images left out: found bad at scan time, or failing to decode later."""
+        later = [data.BadFile(self.items[i].path, "failed to decode during training") for i in sorted(self.data.bad)]
+        return self.bad_files + later
+
+    def skipped_summary(self) -> dict:
+        """``skipped_files`` (how many) and ``skipped_names`` (the first ones, relative to --data) for run.json
+        and, as ``tdd_skipped_*``, the LoRA's metadata."""
+        bad = self.skipped_files()
+        root = Path(self.cfg.data)
+        root = root if root.is_dir() else root.parent
+        names = [os.path.relpath(b.path, root) for b in bad[:data.SHOWN_BAD]]
+        return {"skipped_files": len(bad), "skipped_names": names}
 
     def validate(self) -> None:
         """A 4- and 8-step grid of the student for the validation prompts (main process)."""
@@ -462,6 +479,7 @@ class Run:
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
                                      "tdd_run_fingerprint": self.fp,
+                                     **{f"tdd_{k}": json.dumps(v) for k, v in self.skipped_summary().items()},
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {})})
         atomic_save_safetensors(teacher.lora_file_keys(self.network.kohya_state_dict(DTYPES[cfg.save_dtype])),
                                 self.out_path, meta)
