@@ -7,7 +7,9 @@
   error, the last good checkpoint and an earlier LoRA intact, an exact resume once space is freed;
 - bad data (corrupt, truncated, empty, not an image, a caption that is not UTF-8): skipped with one
   warning each and counted in the LoRA's metadata, or refused up front with --strict-data; the order of
-  the rest is the same in every process.
+  the rest is the same in every process;
+- an existing --out of another run is not replaced without --overwrite; a resume refuses a checkpoint
+  whose result-changing settings differ, naming exactly those.
 """
 from __future__ import annotations
 
@@ -493,3 +495,78 @@ def test_data_order_is_the_same_in_every_process(tmp_path):
               for folder, workers in ((a, "1"), (b, "4"))]
     assert orders[0] == orders[1] and set(orders[0]) == {f"img_{i:03d}.png" for i in range(4)}
     assert orders[0][:4] != orders[0][4:8]  # a new permutation each epoch
+
+
+# ------------------------------------------------------------------------------------------------
+# output never clobbered; resume refuses another run's checkpoint
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("existing", ["other_run", "not_a_lora"])
+def test_existing_out_of_another_run_is_refused_before_the_teacher_loads(tiny_sd15, train_images, tmp_path,
+                                                                         monkeypatch, caplog, existing):
+    from trainer import loop
+
+    out = tmp_path / "lora.safetensors"
+    if existing == "other_run":
+        assert run_cli(fx.tiny_args(train_images, tmp_path / "other", "--seed", 5), tiny_sd15, caplog)[0] == 0
+        shutil.copy(tmp_path / "other" / "lora.safetensors", out)
+    else:
+        out.write_text("my notes, not a LoRA")
+    before = out.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_as_teacher", lambda *a: pytest.fail("the teacher was loaded"))
+        rc, errors = run_cli(fx.tiny_args(train_images, tmp_path), tiny_sd15, caplog)
+    assert rc == 2 and out.read_bytes() == before
+    msg = errors[0].getMessage()
+    assert f"--out {out} already exists" in msg and "--overwrite" in msg and "another --out" in msg
+    assert ("another run" if existing == "other_run" else "a file this run did not write") in msg
+    assert run_cli(fx.tiny_args(train_images, tmp_path, "--overwrite"), tiny_sd15, caplog)[0] == 0
+    assert read_header_metadata(out)["tdd_training_steps"] == "2"
+
+
+def test_a_resumed_run_replaces_only_its_own_out(tiny_sd15, train_images, tmp_path, caplog):
+    """Finishing to its own --out is a resume's job (more steps); an --out another run wrote since is refused."""
+    out = tmp_path / "lora.safetensors"
+    assert run_cli(fx.tiny_args(train_images, tmp_path, "--max-steps", 1), tiny_sd15, caplog)[0] == 0
+    assert run_cli(fx.tiny_args(train_images, tmp_path, "--max-steps", 2, "--resume", tmp_path / "run"),
+                   tiny_sd15, caplog)[0] == 0
+    assert read_header_metadata(out)["tdd_training_steps"] == "2"
+    assert run_cli(fx.tiny_args(train_images, tmp_path / "other", "--seed", 5), tiny_sd15, caplog)[0] == 0
+    shutil.copy(tmp_path / "other" / "lora.safetensors", out)
+    rc, errors = run_cli(fx.tiny_args(train_images, tmp_path, "--max-steps", 3, "--resume", tmp_path / "run"),
+                         tiny_sd15, caplog)
+    assert rc == 2 and "another run" in errors[0].getMessage()
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory, train_images):
+    tmp = tmp_path_factory.mktemp("one_step")
+    fx_train(train_images, tmp, fx.tiny_sd15(0), max_steps=1, batch_size=1)
+    return tmp
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"lr": 2e-3}, "lr"), ({"seed": 1}, "seed"), ({"rank": 8}, "rank"), ({"alpha": 4}, "alpha"),
+    ({"method": "tcd"}, "method"), ({"kmax": 6}, "kmax"), ({"eta_max": 0.2}, "eta_max"),
+    ({"teacher_guidance": 2.0}, "teacher_guidance"), ({"loss": "l2"}, "loss"), ({"huber_c": 0.01}, "huber_c"),
+    ({"empty_prompt_prob": 0.5}, "empty_prompt_prob"), ({"weight_decay": 0.01}, "weight_decay"),
+    ({"warmup_steps": 2}, "warmup_steps"), ({"adam_beta2": 0.99}, "adam_beta2"), ({"grad_clip": 0.5}, "grad_clip"),
+    ({"batch_size": 2}, "global_batch"), ({"grad_accum": 2}, "global_batch"), ({"center_crop": True}, "center_crop"),
+    ({"precision": "bf16"}, "precision"), ({"base_dtype": "bf16"}, "base_dtype"),
+])
+def test_resume_refuses_a_changed_setting_naming_exactly_it(tiny_sd15, train_images, one_step_run, tmp_path,
+                                                             change, key):
+    from trainer.checkpoint import ResumeError
+
+    kw = {"max_steps": 2, "batch_size": 1, "resume": str(one_step_run / "run"), **change}
+    with pytest.raises(ResumeError) as e:
+        fx_train(train_images, tmp_path, tiny_sd15, **kw)
+    assert re.findall(r"(\w+): checkpoint ", str(e.value)) == [key], str(e.value)
+
+
+def test_resume_accepts_changed_bookkeeping(tiny_sd15, train_images, one_step_run, tmp_path):
+    """Settings that don't change the result may change on resume: paths, intervals, workers, --overwrite,
+    --strict-data, gradient checkpointing, --max-steps (constant schedule), the cache."""
+    r = fx_train(train_images, tmp_path, tiny_sd15, resume=str(one_step_run / "run"), max_steps=2, batch_size=1,
+                 save_every=7, log_every=2, keep_checkpoints=5, num_workers=2, overwrite=True, strict_data=True,
+                 gradient_checkpointing=True, validate_every=0, cache_dir=str(tmp_path / "cache"), save_dtype="fp32")
+    assert r["status"] == "done" and r["step"] == 2

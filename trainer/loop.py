@@ -30,7 +30,7 @@ from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, los
 from .config import ConfigError, TrainConfig, fingerprint
 from .fileio import DiskFullError, atomic_path, describe_disk, fsync_path, is_disk_full, remove_stale_temps
 from .lora import LoRANetwork, enable_gradient_checkpointing
-from .lora_format import atomic_save_safetensors, build_metadata
+from .lora_format import atomic_save_safetensors, build_metadata, read_header_metadata
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           **({"fp8": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {})}
 
 
+def pick_device(device_pref: str, local_rank: int = 0) -> torch.device:
+    """The device a run uses for ``--device`` (``auto``: this process's GPU when there is one, else CPU)."""
+    use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{local_rank}" if use_cuda and ":" not in device_pref else
+                        (device_pref if use_cuda else "cpu"))
+
+
 class Dist:
     def __init__(self, device_pref: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
-        self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda and ":" not in device_pref else
-                                   (device_pref if use_cuda else "cpu"))
+        self.device = pick_device(device_pref, self.local_rank)
+        use_cuda = self.device.type == "cuda"
         self.enabled = self.world > 1
         if self.enabled and not dist.is_initialized():
             if use_cuda:
@@ -246,8 +252,11 @@ class Run:
         self.device, self.main = ddp.device, ddp.rank == 0
         models.ensure_host(str(self.device))
         self.precision, self.base_dtype = resolve_precision(cfg, self.device)
-        # before the (slow) teacher load: bad data fails fast
+        self.out_path = Path(cfg.out)
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
+        # before the (slow) teacher load: bad data and an --out that isn't ours fail fast
         self.items, self.bad_files = data.scan(cfg.data, strict=cfg.strict_data, workers=max(1, cfg.num_workers))
+        self._refuse_foreign_out()
         self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
         cfg.apply_family_defaults(teacher.arch)  # unset loss/lr/... take the family's defaults (FLUX: §5.1)
         warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
@@ -257,8 +266,6 @@ class Run:
             raise ConfigError(f"--adversarial supports SD1.5, SD2.x and SDXL teachers, not {teacher.arch} "
                               f"({teacher.name}): drop --adversarial to distil this model with plain TDD")
         self.resolution = cfg.resolution or teacher.native_resolution
-        self.out_path = Path(cfg.out)
-        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:  # what a process killed mid-write left (never read: loaders open final names only)
             for p in remove_stale_temps(self.run_dir) + remove_stale_temps(self.out_path.parent, {self.out_path.name}):
@@ -283,7 +290,8 @@ class Run:
             self.disc_opt = torch.optim.AdamW(self.disc_params, lr=cfg.adv_lr, betas=adversarial.HEAD_BETAS,
                                               weight_decay=adversarial.HEAD_WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint)
+        self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint,
+                                             (self.precision, self.base_dtype))
         self.fp = fingerprint(self.fields)
         self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
         self.dsched = teacher.schedule(cfg)  # the family's noise levels and teacher step
@@ -298,6 +306,32 @@ class Run:
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
         self.stop.set = True
+
+    def _refuse_foreign_out(self) -> None:
+        """Refuse to start when ``--out`` holds a LoRA of another run (unless ``--overwrite``): the resumed
+        run's own output (same run fingerprint as the checkpoint) may be replaced. Decided by the main process
+        (the only one that writes) and shared, so every process stops alike."""
+        problem = self._foreign_out_problem() if self.main and not self.cfg.overwrite else None
+        if self.ddp.any(problem is not None):
+            raise ConfigError(problem or f"--out {self.out_path} is refused by the main process (see its log)")
+
+    def _foreign_out_problem(self) -> str | None:
+        out, cfg = self.out_path, self.cfg
+        if not out.exists():
+            return None
+        try:
+            own = checkpoint.fingerprint_of(cfg.resume) if cfg.resume else None
+        except checkpoint.ResumeError:  # reported by resume() itself, alike on every process
+            own = None
+        try:
+            theirs = read_header_metadata(out).get("tdd_run_fingerprint")
+        except (OSError, ValueError):
+            theirs = None
+        if own is not None and theirs == own:
+            return None
+        whose = f"a LoRA of another run (run fingerprint {theirs})" if theirs else "a file this run did not write"
+        return (f"--out {out} already exists and is {whose}; this run won't replace it: pass --overwrite to "
+                "replace it, or choose another --out")
 
     def disk_full(self, e: DiskFullError) -> DiskFullError:
         """``e`` with what to do: the last good checkpoint, the LoRA at --out left as it was, how to continue."""
