@@ -512,8 +512,8 @@ class Run:
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
-                                     "tdd_run_fingerprint": self.fp,
                                      **{f"tdd_{k}": json.dumps(v) for k, v in self.skipped_summary().items()},
+                                     "tdd_run_fingerprint": self.fp,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {})})
         atomic_save_safetensors(teacher.lora_file_keys(self.network.kohya_state_dict(DTYPES[cfg.save_dtype])),
                                 self.out_path, meta)
