@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -135,11 +136,10 @@ CATEGORIES = {"step": ("forward", "log_row"), "checkpoint": ("ckpt_file", "ckpt_
 
 
 def kill_cfg(data, tmp: Path, resume: bool) -> dict:
-    return dict(data=str(data), out=str(tmp / "lora.safetensors"), run_dir=str(tmp / "run"),
-                cache_dir=str(tmp / "cache"), resolution=fx.RESOLUTION, rank=4, alpha=2, lr=1e-3,
-                lr_schedule="warmup", warmup_steps=3, max_steps=KILL_STEPS, batch_size=1, save_every=1,
-                keep_checkpoints=2, device="cpu", progress=False, num_workers=0,
-                resume=str(tmp / "run") if resume else None)
+    """The fields of the harness's TrainConfig (the tiny run of trainer_fixtures, checkpointed every step)."""
+    return dataclasses.asdict(fx.train_config(
+        data, tmp, cache_dir=str(tmp / "cache"), lr_schedule="warmup", warmup_steps=3, max_steps=KILL_STEPS,
+        batch_size=1, save_every=1, keep_checkpoints=2, resume=str(tmp / "run") if resume else None))
 
 
 def choose_kill(rng: random.Random, category: str, census: list[dict], done: int, timing: tuple[float, float]):
