@@ -217,7 +217,7 @@ def train_student(student: Student, preset: Preset, data: Path, retrain: bool = 
         return out, record
     run_dir = WORK / "runs" / key
     argv = [*train_argv(student, preset), "--data", str(data), "--out", str(out), "--run-dir", str(run_dir),
-            "--cache-dir", str(WORK / "latent_cache")]
+            "--cache-dir", str(WORK / "latent_cache"), "--overwrite"]  # (the bench owns its students' files)
     resumed = (run_dir / "latest").is_file() and not retrain
     if resumed:
         argv += ["--resume", str(run_dir)]

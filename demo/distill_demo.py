@@ -45,7 +45,9 @@ def main(argv=None):
     out.parent.mkdir(exist_ok=True)
     return distill.main(["--config", str(REPO / "demo" / "distill_demo.toml"), "--data", str(data), "--out", str(out),
                          "--run-dir", str(REPO / ".host" / "demo_distill_run"), "--cache-dir",
-                         str(REPO / ".host" / "demo_cache"), *trainer_args])
+                         str(REPO / ".host" / "demo_cache"),
+                         "--overwrite",  # this script's job: rebuild the shipped LoRA
+                         *trainer_args])
 
 
 if __name__ == "__main__":

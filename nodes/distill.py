@@ -123,7 +123,8 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
     trainer_method, adversarial = METHODS[method]
     values.update(teacher="<ComfyUI model>", method=trainer_method, adversarial=adversarial, seed=seed, data=folder, out=out,
                   run_dir=run_dir, num_workers=0, progress=False, gradient_checkpointing=gradient_checkpointing,
-                  precision=precision, base_dtype=base_dtype, validate_every=0)
+                  precision=precision, base_dtype=base_dtype, validate_every=0,
+                  overwrite=True)  # the node picks the file itself (output_path): a fresh name, or its overwrite input
     for name, value in (("max_steps", steps), ("batch_size", batch), ("lr", lr), ("rank", rank),
                         ("resolution", resolution)):
         if value:
@@ -140,9 +141,10 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
 
 def run_fingerprint(cfg, teacher, items) -> str:
     """The trainer's fingerprint of this run (what ``tdd_run_fingerprint`` in a finished file holds)."""
-    config, data = trainer_module("config"), trainer_module("data")
+    config, data, loop = trainer_module("config"), trainer_module("data"), trainer_module("loop")
     probe = dataclasses.replace(cfg).apply_family_defaults(teacher.arch)
-    return config.fingerprint(probe.fingerprint_fields(data.dataset_id(items), teacher.fingerprint))
+    precision = loop.resolve_precision(cfg, loop.pick_device(cfg.device))
+    return config.fingerprint(probe.fingerprint_fields(data.dataset_id(items), teacher.fingerprint, precision))
 
 
 def small_images(items, resolution: int) -> list:
@@ -325,7 +327,7 @@ class TDDDistill(TDDNode):
                               batch=batch, lr=lr, rank=rank, seed=seed, resolution=resolution,
                               gradient_checkpointing=gradient_checkpointing, precision=precision,
                               base_dtype=base_dtype)
-        items, _ = data.scan(folder)
+        items, _ = data.scan(folder, warn=False)  # the trainer warns about bad files when it scans again
         comfy.model_management.load_models_gpu([model])  # the host applies the model's own patches first
         release_inference_tensors(model.model)
         teacher = models.from_components(model, clip, vae, name=type(model.model).__name__)

@@ -95,7 +95,7 @@ def train(ckpt: Path, out: Path, work: Path, resolution: int) -> dict:
     argv = [sys.executable, str(REPO / "trainer" / "distill.py"), "--teacher", str(ckpt), "--adversarial",
             "--preset", "sdxl-adv", "--max-steps", "2", "--batch-size", "1", "--accumulate-to", "1",
             "--resolution", str(resolution), "--data", str(data), "--out", str(out), "--run-dir", str(work / "run"),
-            "--device", "cpu", "--num-workers", "0", "--no-progress"]
+            "--device", "cpu", "--num-workers", "0", "--no-progress", "--overwrite"]  # (the last check's LoRA)
     shutil.rmtree(work / "run", ignore_errors=True)  # a fresh run, not a resume
     log.info("running: %s", " ".join(argv))
     start = time.monotonic()

@@ -33,6 +33,7 @@ class TrainConfig:
     vae: str | None = None              # FLUX VAE (ae.safetensors)
     data: str | None = None             # image folder with .txt captions, or a .jsonl of {path, caption}
     out: str = "tdd_lora.safetensors"
+    overwrite: bool = False             # replace an existing --out of another run (a resumed run's own: always)
     run_dir: str | None = None          # checkpoints, logs, validation images (default: <out stem>_run)
     resume: str | None = None
     # algorithm (docs/method.md §5)
@@ -74,6 +75,7 @@ class TrainConfig:
     cache_dir: str | None = None
     num_workers: int = 2
     center_crop: bool = False           # default: a random crop per sample (the reference's)
+    strict_data: bool = False           # a bad image or caption is an error before training, not skipped
     preset: str | None = None           # trainer/presets/<name>.toml under the TOML file and the flags
     # bookkeeping
     save_every: int = 500
@@ -154,8 +156,13 @@ class TrainConfig:
             bad(f"need --adv-weight >= 0 and --adv-lr > 0, got {self.adv_weight} and {self.adv_lr}")
         return self
 
-    def fingerprint_fields(self, dataset_id: str, teacher_id: str) -> dict:
-        """Settings that change the training trajectory: a resumed run must match them all."""
+    def fingerprint_fields(self, dataset_id: str, teacher_id: str, precision: tuple[str, str] = ("fp32", "fp32")
+                           ) -> dict:
+        """Settings that change the training trajectory: a resumed run must match them all. ``precision``:
+        the resolved (autocast, frozen-base) dtypes (:func:`trainer.loop.resolve_precision`), since ``auto``
+        means different ones on different hardware. Not here, because they don't change the result: paths,
+        --overwrite, --strict-data, workers, device, process count (the global batch is here), gradient
+        checkpointing, the cache, save/log/validation settings, --max-steps unless the schedule is cosine."""
         fields = {k: getattr(self, k) for k in (
             "method", "kmin", "kmax", "eta_max", "empty_prompt_prob", "teacher_guidance", "loss", "huber_c", "rank",
             "alpha", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
@@ -171,6 +178,9 @@ class TrainConfig:
             fields.update(adversarial=True, adv_weight=float(self.adv_weight), adv_lr=float(self.adv_lr))
         if self.center_crop:  # (absent when off, as above)
             fields["center_crop"] = True
+        for name, dtype in zip(("precision", "base_dtype"), precision):
+            if dtype != "fp32":  # (absent for fp32, as above)
+                fields[name] = dtype
         fields["dataset"] = dataset_id
         fields["teacher"] = teacher_id
         if teacher_id.startswith("flux-"):
@@ -243,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         "weight_decay": "AdamW weight decay; default 0 for SD, 1e-2 for FLUX",
         "empty_prompt_prob": "probability of training on the empty prompt; default 0.2 for SD, 0 for FLUX",
         "data": "folder of images with same-named .txt captions, or a .jsonl of {\"path\", \"caption\"}",
-        "out": "output LoRA file (default tdd_lora.safetensors)",
+        "out": "output LoRA file (default tdd_lora.safetensors); an existing file of another run is refused "
+               "unless --overwrite",
+        "overwrite": "replace an existing --out from another run (a resumed run always replaces its own)",
+        "strict_data": "stop before training when any image is corrupt, truncated, empty or not an image, or a "
+                       "caption is not UTF-8 (default: skip each with a warning, counted in the LoRA's metadata)",
         "run_dir": "folder for checkpoints, log.csv and validation grids (default: <out>_run)",
         "resume": "continue from a run folder or one of its checkpoint-NNNNNN folders",
         "method": "target selection: tdd (default), tcd, lcm",

@@ -34,6 +34,10 @@ class DataError(ValueError):
     """The data can't be used; the message names the problem and the fix."""
 
 
+#: How many bad files a message or the LoRA's metadata names (the count is always complete).
+SHOWN_BAD = 20
+
+
 @dataclass(frozen=True)
 class Item:
     path: str
@@ -41,74 +45,147 @@ class Item:
     size: tuple[int, int] = (0, 0)  # (height, width) in pixels, as read at scan time
 
 
-def _scan_folder(root: Path) -> list[Item]:
+@dataclass(frozen=True)
+class BadFile:
+    """A training image left out, and why (named in the warning, the run's metadata, ``--strict-data``'s error)."""
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})"
+
+
+def _read_caption(img: Path, cap: Path) -> tuple[str | None, BadFile | None]:
+    try:
+        raw = cap.read_bytes()
+    except OSError as e:
+        return None, BadFile(str(img), f"its caption {cap.name} can't be read: {e.strerror or e}")
+    try:
+        return raw.decode("utf-8").strip(), None
+    except UnicodeDecodeError as e:
+        return None, BadFile(str(img), f"its caption {cap.name} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                       f"offset {e.start}); save it as UTF-8")
+
+
+def _scan_folder(root: Path) -> tuple[list[Item], list[BadFile]]:
     try:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     except PermissionError as e:
         raise DataError(f"cannot read data folder {root}: {e}; fix its permissions") from None
-    items, missing = [], []
+    items, bad, missing = [], [], []
     for img in files:
         cap = img.with_suffix(".txt")
         if not cap.is_file():
             missing.append(img)
             continue
-        items.append(Item(str(img), cap.read_text(encoding="utf-8").strip()))
+        caption, problem = _read_caption(img, cap)
+        if problem:
+            bad.append(problem)
+        else:
+            items.append(Item(str(img), caption))
     if missing:
         shown = ", ".join(str(p.relative_to(root)) for p in missing[:3])
         raise DataError(f"{len(missing)} image(s) in {root} have no caption file (e.g. {shown}): add a same-named "
                         ".txt next to each image (an empty .txt trains it unconditionally), or remove the image")
-    return items
+    return items, bad
+
+
+def _jsonl_lines(path: Path):
+    """(line number, text) of a .jsonl file; a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                                f"{e.start} of the line): save the file as UTF-8") from None
 
 
 def _scan_jsonl(path: Path) -> list[Item]:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e}); each line must be "
-                                '{"path": ..., "caption": ...}') from None
-            if not isinstance(rec, dict) or "path" not in rec:
-                raise DataError(f'{path}:{lineno} has no "path"; each line must be {{"path": ..., "caption": ...}}')
-            if not isinstance(rec.get("caption"), str):
-                raise DataError(f'{path}:{lineno} ({rec["path"]}) has no "caption" string; add one (use "" to train '
-                                "that image unconditionally)")
-            p = Path(rec["path"])
-            items.append(Item(str(p if p.is_absolute() else path.parent / p), rec["caption"].strip()))
+    for lineno, line in _jsonl_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({e}); each line must be "
+                            '{"path": ..., "caption": ...}') from None
+        if not isinstance(rec, dict) or "path" not in rec:
+            raise DataError(f'{path}:{lineno} has no "path"; each line must be {{"path": ..., "caption": ...}}')
+        if not isinstance(rec.get("caption"), str):
+            raise DataError(f'{path}:{lineno} ({rec["path"]}) has no "caption" string; add one (use "" to train '
+                            "that image unconditionally)")
+        p = Path(rec["path"])
+        items.append(Item(str(p if p.is_absolute() else path.parent / p), rec["caption"].strip()))
     return items
 
 
-def scan(data) -> tuple[list[Item], list[str]]:
-    """Captioned items of a folder or .jsonl; files PIL can't even identify are skipped and counted."""
-    from PIL import Image
-
+def scan(data, strict: bool = False, workers: int = 1, warn: bool = True) -> tuple[list[Item], list[BadFile]]:
+    """Captioned items of a folder or .jsonl, each image decoded once in full so that every bad file -
+    corrupt, truncated, empty, not an image, a caption that is not UTF-8 - is found here, before the teacher
+    loads, not in the middle of training. Bad files are skipped with one warning each (``warn=False``: a
+    caller that only looks; ``strict``: a :class:`DataError` naming them all instead). The items keep the
+    sorted (folder) or file (.jsonl) order, so the training order, a function of the good items only, is
+    the same in every process."""
     root = Path(data)
     if not root.exists():
         raise DataError(f"training data not found: {root}; pass --data DIR (images with .txt captions) or a .jsonl")
+    bad: list[BadFile] = []
     if root.is_dir():
         if not os.access(root, os.R_OK | os.X_OK):
             raise DataError(f"cannot read data folder {root}: permission denied; fix its permissions")
-        items = _scan_folder(root)
+        items, bad = _scan_folder(root)
     elif root.suffix.lower() == ".jsonl":
         items = _scan_jsonl(root)
     else:
         raise DataError(f"--data {root} is neither a folder nor a .jsonl file")
-    good, bad = [], []
-    for it in items:
-        try:
-            with Image.open(it.path) as im:
-                good.append(Item(it.path, it.caption, (im.height, im.width)))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            bad.append(it.path)
-    if bad:
-        log.warning("skipped %d undecodable image(s), e.g. %s", len(bad), bad[0])
+    good = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
+        for it, (size, problem) in zip(items, pool.map(inspect_image, [it.path for it in items])):
+            if problem:
+                bad.append(BadFile(it.path, problem))
+            else:
+                good.append(Item(it.path, it.caption, size))
+    bad.sort(key=lambda b: b.path)
+    if bad and strict:
+        raise DataError(f"--strict-data: {len(bad)} bad file(s) in {root}: {describe_bad(bad)}. Fix or remove "
+                        "them, or drop --strict-data to train without them (each is skipped with a warning)")
+    for b in bad if warn else ():
+        log.warning("skipping %s: %s", b.path, b.reason)
     if not good:
         raise DataError(f"no usable training images in {root} ({len(bad)} undecodable): add images "
                         f"({', '.join(sorted(IMAGE_EXTS))}) with same-named .txt captions")
+    if bad and warn:
+        log.warning("skipped %d of %d training images (named above); --strict-data makes that an error",
+                    len(bad), len(bad) + len(good))
     return good, bad
+
+
+def inspect_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    """((height, width), None) for an image that decodes in full, or (None, why not)."""
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            return None, "empty file (0 bytes)"
+        with Image.open(path) as im:
+            im.load()  # Image.open reads the header only: a truncated file fails here
+            return (im.height, im.width), None
+    except FileNotFoundError:
+        return None, "no such file"
+    except Image.UnidentifiedImageError:
+        return None, "not an image PIL can read (another format under an image extension, or a corrupt header)"
+    except Image.DecompressionBombError as e:
+        return None, f"refused as a decompression bomb ({e})"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        return None, f"truncated or corrupt image ({e})"
+
+
+def describe_bad(bad: list[BadFile], shown: int = SHOWN_BAD) -> str:
+    """The first ``shown`` bad files with their reasons, and how many more."""
+    text = "; ".join(str(b) for b in bad[:shown])
+    return text + (f"; and {len(bad) - shown} more" if len(bad) > shown else "")
 
 
 def load_image(path: str, resolution: int, multiple: int = 8) -> torch.Tensor:

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: import as the package trainer,
 from trainer.checkpoint import ResumeError  # noqa: E402
 from trainer.config import ConfigError, TrainConfig, parse_args  # noqa: E402
 from trainer.data import DataError  # noqa: E402
+from trainer.fileio import DiskFullError  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import TeacherError  # noqa: E402
 
@@ -30,6 +31,8 @@ log = logging.getLogger("trainer")
 __all__ = ["main", "train", "TrainConfig"]
 
 USER_ERRORS = (ConfigError, TeacherError, DataError, ResumeError)
+#: Exit statuses of :func:`main`.
+EXIT_OK, EXIT_USER_ERROR, EXIT_DISK_FULL = 0, 2, 3
 
 
 def _setup_logging() -> None:
@@ -41,16 +44,21 @@ def _setup_logging() -> None:
 
 
 def main(argv=None, components=None) -> int:
-    """CLI entry point; returns the exit status (0 done or cleanly interrupted, 2 bad input)."""
+    """CLI entry point; returns the exit status: 0 done or cleanly interrupted, 2 bad input, 3 the disk is
+    full (the message says which file, the last good checkpoint and how to continue). Each as one message,
+    no traceback: the fix is the user's, not the code's."""
     _setup_logging()
     try:
         cfg = parse_args(argv)
         result = train(cfg, components=components)
     except USER_ERRORS as e:
         log.error("%s", e)
-        return 2
+        return EXIT_USER_ERROR
+    except DiskFullError as e:
+        log.error("%s", e)
+        return EXIT_DISK_FULL
     log.info("%s at step %d", result["status"], result["step"])
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

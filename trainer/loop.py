@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import os
@@ -28,9 +29,9 @@ from . import adversarial, calibrate, checkpoint, data, guards, models
 from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
-from .fileio import atomic_path
+from .fileio import DiskFullError, atomic_path, describe_disk, fsync_path, is_disk_full, remove_stale_temps
 from .lora import LoRANetwork, enable_gradient_checkpointing
-from .lora_format import atomic_save_safetensors, build_metadata
+from .lora_format import atomic_save_safetensors, build_metadata, read_header_metadata
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           **({"fp8": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {})}
 
 
+def pick_device(device_pref: str, local_rank: int = 0) -> torch.device:
+    """The device a run uses for ``--device`` (``auto``: this process's GPU when there is one, else CPU)."""
+    use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{local_rank}" if use_cuda and ":" not in device_pref else
+                        (device_pref if use_cuda else "cpu"))
+
+
 class Dist:
     def __init__(self, device_pref: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_pref.startswith("cuda") or (device_pref == "auto" and torch.cuda.is_available())
-        self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda and ":" not in device_pref else
-                                   (device_pref if use_cuda else "cpu"))
+        self.device = pick_device(device_pref, self.local_rank)
+        use_cuda = self.device.type == "cuda"
         self.enabled = self.world > 1
         if self.enabled and not dist.is_initialized():
             if use_cuda:
@@ -139,7 +146,7 @@ class _Log:
         self.path = run_dir / "log.csv"
         if self.path.exists():  # a fresh run starts a fresh log; a resumed one drops rows after its checkpoint
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if start_step and int(r["step"]) <= start_step]
+                rows = [r for r in csv.DictReader(f) if start_step and _logged_step(r) in range(1, start_step + 1)]
             with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=self.FIELDS)
                 w.writeheader()
@@ -158,17 +165,40 @@ class _Log:
     def row(self, **r):
         if not self.enabled:
             return
-        self.w.writerow(r)
-        self.f.flush()
+        try:
+            self.w.writerow(r)
+            self.f.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(self.path, e) from e
+            raise
         if self.tb is not None:
             for k in ("loss", "lr", "grad_norm", "samples_per_s"):
                 self.tb.add_scalar(f"train/{k}", r[k], r["step"])
 
+    def sync(self):
+        """The rows so far on disk (before a checkpoint: a power loss can't leave the log behind it)."""
+        if self.enabled:
+            fsync_path(self.path)
+
     def close(self):
         if self.enabled:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError as e:  # a row the full disk refused: already reported as DiskFullError
+                log.debug("log.csv: %s", e)
             if self.tb is not None:
                 self.tb.close()
+
+
+def _logged_step(row: dict) -> int:
+    """A log.csv row's step, or 0 for a row a kill cut short (never kept)."""
+    try:
+        if any(row.get(k) in (None, "") for k in _Log.FIELDS):
+            return 0
+        return int(row["step"])
+    except ValueError:
+        return 0
 
 
 def _as_teacher(components, cfg, dtype, device) -> models.Teacher:
@@ -190,6 +220,8 @@ def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (
     checkpointed, so a resume continues exactly.
 
     Returns ``{"status": "done"|"interrupted", "step", "out", "checkpoint", "losses", "skipped_images"}``.
+    A write that fails because the disk is full raises :class:`trainer.fileio.DiskFullError` whose message
+    names the file, the last good checkpoint and how to continue.
     """
     if components is not None and not cfg.teacher:
         cfg.teacher = "<components>"
@@ -203,6 +235,8 @@ def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (
         try:
             run.resume()
             return run.run()
+        except DiskFullError as e:
+            raise run.disk_full(e) from e
         finally:
             run.close()
     finally:
@@ -219,7 +253,11 @@ class Run:
         self.device, self.main = ddp.device, ddp.rank == 0
         models.ensure_host(str(self.device))
         self.precision, self.base_dtype = resolve_precision(cfg, self.device)
-        self.items, bad = data.scan(cfg.data)  # before the (slow) teacher load: bad data fails fast
+        self.out_path = Path(cfg.out)
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
+        # before the (slow) teacher load: bad data and an --out that isn't ours fail fast
+        self.items, self.bad_files = data.scan(cfg.data, strict=cfg.strict_data, workers=max(1, cfg.num_workers))
+        self._refuse_foreign_out()
         self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
         cfg.apply_family_defaults(teacher.arch)  # unset loss/lr/... take the family's defaults (FLUX: §5.1)
         warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
@@ -229,15 +267,16 @@ class Run:
             raise ConfigError(f"--adversarial supports SD1.5, SD2.x and SDXL teachers, not {teacher.arch} "
                               f"({teacher.name}): drop --adversarial to distil this model with plain TDD")
         self.resolution = cfg.resolution or teacher.native_resolution
-        self.out_path = Path(cfg.out)
-        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.out_path.with_name(self.out_path.stem + "_run")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # what a process killed mid-write left (never read: loaders open final names only)
+            for p in remove_stale_temps(self.run_dir) + remove_stale_temps(self.out_path.parent, {self.out_path.name}):
+                log.info("removed %s, left by a process killed while writing it", p)
         self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
-                                   skipped=len(bad), seed=cfg.seed, center_crop=cfg.center_crop)
+                                   skipped=len(self.bad_files), seed=cfg.seed, center_crop=cfg.center_crop)
         if self.main:
             log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
-                     teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution, len(bad),
-                     ddp.world)
+                     teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution,
+                     len(self.bad_files), ddp.world)
         self.network = LoRANetwork(teacher.lora_targets(), cfg.rank, cfg.alpha, seed=cfg.seed).to(self.device).attach()
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(teacher.checkpoint_blocks())
@@ -252,7 +291,8 @@ class Run:
             self.disc_opt = torch.optim.AdamW(self.disc_params, lr=cfg.adv_lr, betas=adversarial.HEAD_BETAS,
                                               weight_decay=adversarial.HEAD_WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint)
+        self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint,
+                                             (self.precision, self.base_dtype))
         self.fp = fingerprint(self.fields)
         self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
         self.dsched = teacher.schedule(cfg)  # the family's noise levels and teacher step
@@ -267,6 +307,47 @@ class Run:
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
         self.stop.set = True
+
+    def _refuse_foreign_out(self) -> None:
+        """Refuse to start when ``--out`` holds a LoRA of another run (unless ``--overwrite``): the resumed
+        run's own output (same run fingerprint as the checkpoint) may be replaced. Decided by the main process
+        (the only one that writes) and shared, so every process stops alike."""
+        problem = self._foreign_out_problem() if self.main and not self.cfg.overwrite else None
+        if self.ddp.any(problem is not None):
+            raise ConfigError(problem or f"--out {self.out_path} is refused by the main process (see its log)")
+
+    def _foreign_out_problem(self) -> str | None:
+        out, cfg = self.out_path, self.cfg
+        if not out.exists():
+            return None
+        try:
+            own = checkpoint.fingerprint_of(cfg.resume) if cfg.resume else None
+        except checkpoint.ResumeError:  # reported by resume() itself, alike on every process
+            own = None
+        try:
+            theirs = read_header_metadata(out).get("tdd_run_fingerprint")
+        except (OSError, ValueError):
+            theirs = None
+        if own is not None and theirs == own:
+            return None
+        whose = f"a LoRA of another run (run fingerprint {theirs})" if theirs else "a file this run did not write"
+        return (f"--out {out} already exists and is {whose}; this run won't replace it: pass --overwrite to "
+                "replace it, or choose another --out")
+
+    def disk_full(self, e: DiskFullError) -> DiskFullError:
+        """``e`` with what to do: the last good checkpoint, the LoRA at --out left as it was, how to continue."""
+        last = checkpoint.latest(self.run_dir)
+        kept = (f"the last good checkpoint is {last} (step {int(last.name.rsplit('-', 1)[1])})" if last
+                else "there is no checkpoint yet")
+        out = f"; {self.out_path} is untouched" if self.out_path.exists() and e.path != self.out_path else ""
+        how = f"continue with --resume {self.run_dir}" if last else "start the run again"
+        return DiskFullError(e.path, e.cause, f"{e}{' (' + str(e.cause) + ')' if e.cause else ''}. Nothing is lost: "
+                             f"{kept}{out}. Free space ({describe_disk(e.path)} now; a checkpoint needs about "
+                             f"{self._checkpoint_bytes() / 2 ** 20:.1f} MB), then {how}")
+
+    def _checkpoint_bytes(self) -> int:
+        last = checkpoint.latest(self.run_dir)
+        return sum(f.stat().st_size for f in last.iterdir()) if last else 0
 
     # ---- resume ------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -388,11 +469,28 @@ class Run:
             if self.disc is not None:
                 state.update(discriminator=self.disc.heads.state_dict(), disc_optimizer=self.disc_opt.state_dict())
             info = {"fingerprint": self.fp, "fingerprint_fields": self.fields, "config": asdict(self.cfg),
-                    "world_size": self.ddp.world, "base_arch": self.teacher.arch}
+                    "world_size": self.ddp.world, "base_arch": self.teacher.arch,
+                    **self.skipped_summary()}
+            if self.logger is not None:
+                self.logger.sync()
             path = checkpoint.save(self.run_dir, self.step, self.network.kohya_state_dict(torch.float32), state, info,
                                    self.cfg.keep_checkpoints)
         self.ddp.barrier()
         return path
+
+    def skipped_files(self) -> list[data.BadFile]:
+        """The training images left out: found bad at scan time, or failing to decode later."""
+        later = [data.BadFile(self.items[i].path, "failed to decode during training") for i in sorted(self.data.bad)]
+        return self.bad_files + later
+
+    def skipped_summary(self) -> dict:
+        """``skipped_files`` (how many) and ``skipped_names`` (the first ones, relative to --data) for run.json
+        and, as ``tdd_skipped_*``, the LoRA's metadata."""
+        bad = self.skipped_files()
+        root = Path(self.cfg.data)
+        root = root if root.is_dir() else root.parent
+        names = [os.path.relpath(b.path, root) for b in bad[:data.SHOWN_BAD]]
+        return {"skipped_files": len(bad), "skipped_names": names}
 
     def validate(self) -> None:
         """A 4- and 8-step grid of the student for the validation prompts (main process)."""
@@ -437,6 +535,7 @@ class Run:
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
+                                     **{f"tdd_{k}": json.dumps(v) for k, v in self.skipped_summary().items()},
                                      "tdd_run_fingerprint": self.fp,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {}), **extra})
         atomic_save_safetensors(teacher.lora_file_keys(self.network.kohya_state_dict(DTYPES[cfg.save_dtype])),
