@@ -22,6 +22,7 @@ TDD_METADATA_TYPES = {
     "tdd_recommended_eta": float,
     "tdd_recommended_guidance": float,
     "tdd_training_steps": int,
+    "tdd_skipped_files": int,
 }
 TDD_FORMAT_VERSION = "1"
 
