@@ -166,7 +166,6 @@ def est(e: qm.Estimate) -> str:
 def report(rows, mean_regret, grid, sweep, args, seconds, two_step) -> str:
     from trainer import calibrate
 
-    keep = min(mean_regret, key=mean_regret.get)
     lines = [
         "# Calibration criteria against the demo classifier",
         "",
@@ -179,18 +178,20 @@ def report(rows, mean_regret, grid, sweep, args, seconds, two_step) -> str:
         "criterion's minimum over the whole grid; *rank corr.*: Spearman correlation of -criterion and accuracy "
         "across the grid's settings.",
         "",
-        "| criterion | steps | choice (guidance / eta) | accuracy % | classifier's best | best accuracy % | "
-        "regret (points) | grid regret | rank corr. |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    if rows:
+        lines += ["| criterion | steps | choice (guidance / eta) | accuracy % | classifier's best | best accuracy % | "
+                  "regret (points) | grid regret | rank corr. |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['criterion']} | {r['steps']} | {fmt(r['choice'])} | {est(r['accuracy'])} | {fmt(r['best'])} | "
                      f"{est(r['best_accuracy'])} | {est(r['regret'])} | {r['grid_regret']:.1f} | {r['spearman']:.2f} |")
-    lines += ["", "Mean regret of the coordinate-search choice over the step counts: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mean_regret.items(), key=lambda kv: kv[1]))
-              + f". Smallest: **{keep}** (the trainer's default is `{calibrate.DEFAULT_CRITERION}`).", "",
-              "The fixed TDD recipe on the same grid:", "", "| steps | guidance / eta | accuracy % |", "|---|---|---|",
-              *fixed_rows(grid, sweep, args.n_boot)]
+    if mean_regret:
+        keep = min(mean_regret, key=mean_regret.get)
+        lines += ["", "Mean regret of the coordinate-search choice over the step counts: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mean_regret.items(), key=lambda kv: kv[1]))
+                  + f". Smallest: **{keep}** (the trainer's default is `{calibrate.DEFAULT_CRITERION}`).", "",
+                  "The fixed TDD recipe on the same grid:", "", "| steps | guidance / eta | accuracy % |",
+                  "|---|---|---|", *fixed_rows(grid, sweep, args.n_boot)]
     if two_step:
         lines += ["", "## 2 steps: the TDD recipe and variants within the method", "",
                   "| variant | accuracy % |", "|---|---|", *[f"| {label} | {est(e)} |" for label, e in two_step]]
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lora", default=str(DEMO_LORA))
     ap.add_argument("--prompts", type=int, default=128)
-    ap.add_argument("--steps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--steps", type=int, nargs="*", default=[4, 8], help="step counts of the grid (none: no grid)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--two-step", action="store_true", help="also the 2-step study")
@@ -230,10 +231,12 @@ def main(argv=None) -> int:
                                    batch=args.batch, reference_guidance=TEACHER_CFG)
         return cal, labels
 
-    cal, labels = setup(args.prompts)
     sweep = calibrate.Sweep(steps=tuple(args.steps))
-    grid = measure_grid(cal, sweep, net, labels)
-    rows, mean_regret = analyse(grid, sweep, args.n_boot)
+    grid, rows, mean_regret = {}, [], {}
+    if args.steps:
+        cal, labels = setup(args.prompts)
+        grid = measure_grid(cal, sweep, net, labels)
+        rows, mean_regret = analyse(grid, sweep, args.n_boot)
     two_step = None
     if args.two_step:
         cal2, labels2 = setup(args.two_step_prompts)

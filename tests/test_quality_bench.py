@@ -268,3 +268,26 @@ def test_ablation_variants_share_the_bench_students_and_differ_by_their_flag():
                          *quality_ablate.VARIANTS["tdd_eta0"][1]]).eta_max == 0.0
     with pytest.raises(SystemExit, match="unknown 'sdxl'"):
         quality_ablate.variant_student("sdxl")
+
+
+def test_criteria_bench_scores_a_criterion_by_the_classifiers_choice():
+    """bench/calibration_criteria.py's analysis on a constructed grid: a criterion that orders the
+    settings as the classifier does has no regret and rank correlation 1; one that orders them the
+    other way picks the worst setting."""
+    import calibration_criteria as cc
+    from trainer import calibrate
+
+    sweep = calibrate.Sweep(steps=(4,))
+    rng = np.random.default_rng(0)
+    grid = {}
+    for g in sweep.guidances:
+        for e in sweep.etas:
+            p = 0.95 - 0.1 * abs(g - 1.3) - 0.2 * e  # best at guidance 1.3, eta 0
+            hits = (rng.random(2000) < p).astype(float)
+            grid[(4, g, e)] = {"hits": hits, "latent": np.full(2000, -p), "pixel": np.full(2000, p),
+                               "lowpass": rng.random(2000), "pixel+saturation": rng.random(2000)}
+    rows, mean_regret = cc.analyse(grid, sweep, n_boot=50)
+    by = {r["criterion"]: r for r in rows}
+    assert by["latent"]["choice"] == (4, 1.3, 0.0) and by["latent"]["spearman"] > 0.7
+    assert by["pixel"]["choice"][2] == 0.3 and by["pixel"]["spearman"] < -0.7
+    assert mean_regret["latent"] < mean_regret["pixel"]
