@@ -44,8 +44,8 @@ import quality_metrics as qm  # noqa: E402
 log = logging.getLogger("bench.calibration_criteria")
 
 DEMO_LORA = REPO / "demo" / "loras" / "demo_tdd_lora.safetensors"
-PROMPT_SEED = 1000      # the quality bench's evaluation scenes (fresh: not the demo's training seeds)
-NOISE_SEED = 1002
+PROMPT_SEED = 1003      # fresh scenes: not the demo's training seeds, not the quality bench's evaluation ones
+NOISE_SEED = 1004
 TEACHER_CFG = 4.5       # the demo teacher's CFG, = 1 + the trainer's teacher guidance 3.5
 FIXED = (1.7, 0.2)      # the TDD recipe's guidance and eta
 
@@ -169,8 +169,8 @@ def report(rows, mean_regret, grid, sweep, args, seconds, two_step) -> str:
     lines = [
         "# Calibration criteria against the demo classifier",
         "",
-        f"Written by `bench/calibration_criteria.py` ({args.prompts} prompts of seed {PROMPT_SEED}, noises of seed "
-        f"{NOISE_SEED}, LoRA `{Path(args.lora).name}`, {len(grid)} settings, {seconds / 60:.1f} min). Each "
+        f"Written by `bench/calibration_criteria.py` ({args.prompts} prompts of seed {args.prompt_seed}, noises of "
+        f"seed {args.noise_seed}, LoRA `{Path(args.lora).name}`, {len(grid)} settings, {seconds / 60:.1f} min). Each "
         "criterion is a distance to the teacher's 25-step image (CFG 4.5) from the same prompt and noise; the "
         "classifier's mean attribute accuracy is the ground truth. *choice*: the trainer's coordinate search "
         "(guidance at eta 0.2, then eta) over the criterion; *regret*: best accuracy on the grid minus accuracy "
@@ -194,6 +194,7 @@ def report(rows, mean_regret, grid, sweep, args, seconds, two_step) -> str:
                   "|---|---|---|", *fixed_rows(grid, sweep, args.n_boot)]
     if two_step:
         lines += ["", "## 2 steps: the TDD recipe and variants within the method", "",
+                  f"{args.two_step_prompts} prompts of seed {args.prompt_seed}, noises of seed {args.noise_seed}.", "",
                   "| variant | accuracy % |", "|---|---|", *[f"| {label} | {est(e)} |" for label, e in two_step]]
     return "\n".join(lines) + "\n"
 
@@ -201,6 +202,9 @@ def report(rows, mean_regret, grid, sweep, args, seconds, two_step) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lora", default=str(DEMO_LORA))
+    ap.add_argument("--prompt-seed", type=int, default=PROMPT_SEED,
+                    help="scenes of this dataset seed (1000: the quality bench's evaluation prompts)")
+    ap.add_argument("--noise-seed", type=int, default=NOISE_SEED)
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--steps", type=int, nargs="*", default=[4, 8], help="step counts of the grid (none: no grid)")
     ap.add_argument("--batch", type=int, default=128)
@@ -224,10 +228,10 @@ def main(argv=None) -> int:
     net = classifier.load()
 
     def setup(n: int):
-        scenes = [dataset.sample(PROMPT_SEED, i)[2] for i in range(n)]
+        scenes = [dataset.sample(args.prompt_seed, i)[2] for i in range(n)]
         labels = {k: v.numpy() for k, v in classifier.labels(scenes).items()}
         cal = calibrate.Calibrator(teacher, lambda on: teacher.lora_file_applied(lora) if on else
-                                   contextlib.nullcontext(), [s.caption for s in scenes], 64, seed=NOISE_SEED,
+                                   contextlib.nullcontext(), [s.caption for s in scenes], 64, seed=args.noise_seed,
                                    batch=args.batch, reference_guidance=TEACHER_CFG)
         return cal, labels
 

@@ -20,6 +20,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..tdd_core import MAX_STEPS
 from . import lora_settings
 from . import svd_keys
 from .validation import TDDNode
@@ -137,18 +138,22 @@ class TDDLoraLoader(TDDNode):
                                tooltip="Strength on the text encoder, for LoRAs that patch it (TDD releases don't)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The text encoder, for LoRAs that patch it; optional (e.g. FLUX)."),
+                io.Int.Input("at_steps", default=0, min=0, max=MAX_STEPS, optional=True,
+                             tooltip="0: output the recommended steps. Another count: output it with the eta and "
+                                     "guidance the file's calibration measured for it (at 2-3 steps without one, "
+                                     "guidance 1.0)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.String.Output("info", tooltip="What was loaded and how."),
                      *lora_settings.OUTPUTS],  # appended after the original three: stored links keep their slots
         )
 
     @classmethod
-    def execute(cls, model, lora_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
-        cls.check_values(strength_model=strength_model, strength_clip=strength_clip)
+    def execute(cls, model, lora_name, strength_model, strength_clip, clip=None, at_steps=0) -> io.NodeOutput:
+        cls.check_values(strength_model=strength_model, strength_clip=strength_clip, at_steps=at_steps)
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"TDD LoRA '{lora_name}' was not found in models/loras; put the file there and "
                                     "refresh (R) the node list")
         new_model, new_clip, info = load_tdd_lora(model, clip, path, strength_model, strength_clip)
-        settings = lora_settings.settings_for(model, path)
+        settings = lora_settings.settings_for(model, path, at_steps)
         return io.NodeOutput(new_model, new_clip, f"{info}\n{settings.describe()}", *settings.values())

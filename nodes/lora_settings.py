@@ -108,12 +108,12 @@ def released_format(keys) -> str | None:
     return None
 
 
-def settings_for(model, path: str) -> Recommended:
+def settings_for(model, path: str, at_steps: int = 0) -> Recommended:
     """The recommended settings of the LoRA file at ``path`` applied to the host ``model`` (reads
-    only the file's header: its keys and metadata)."""
+    only the file's header: its keys and metadata), at ``at_steps`` steps when given."""
     with safe_open(path, framework="pt") as f:
         metadata, fmt = f.metadata() or {}, released_format(f.keys())
-    return recommended_settings(metadata, model_family(model), fmt)
+    return recommended_settings(metadata, model_family(model), fmt, at_steps)
 
 
 def _valid(name: str, value) -> bool:
@@ -140,6 +140,22 @@ def metadata_value(metadata: dict, name: str):
     return value, None
 
 
+#: At 2-3 steps, CFG-style guidance (SD-family students) defaults to this scale: measured on the demo
+#: model, TDD Guidance 1.0 reads 78.4% at 2 steps against 70.0% at the 4-step setting 1.7; eta,
+#: x0 clipping and other 2-step timesteps did not help (docs/quality.md, "At 2 steps").
+FEW_STEPS, FEW_STEPS_GUIDANCE = 3, 1.0
+
+
+def calibrated_at(metadata: dict, steps: int) -> tuple[float, float] | None:
+    """(guidance, eta) the file's calibration chose at ``steps``, or None (no table, or not that count)."""
+    try:
+        best = json.loads(metadata.get("tdd_calibration") or "{}").get("best", {})[str(int(steps))]
+        guidance, eta = float(best["guidance"]), float(best["eta"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (guidance, eta) if _valid("guidance", guidance) and _valid("eta", eta) else None
+
+
 def describe_calibration(raw) -> str | None:
     """One line for a file's ``tdd_calibration`` metadata (the trainer's calibration table: its
     criterion, prompts and the setting chosen per step count), or None when absent or unreadable."""
@@ -155,11 +171,14 @@ def describe_calibration(raw) -> str | None:
         return None
 
 
-def recommended_settings(metadata: dict, family: str | None, file_format: str | None = None) -> Recommended:
+def recommended_settings(metadata: dict, family: str | None, file_format: str | None = None,
+                         at_steps: int = 0) -> Recommended:
     """Settings from the file's ``tdd_recommended_*`` metadata, else from the model family.
 
     ``file_format`` names the released file format that was recognised (e.g. "PEFT keys without
-    alpha"), only to say so in the sources."""
+    alpha"), only to say so in the sources. ``at_steps`` (0: the recommended count) asks for another
+    step count: its guidance and eta come from the file's calibration at that count when it has one,
+    else at 2-3 steps CFG guidance is :data:`FEW_STEPS_GUIDANCE`, else they stay the recommended ones."""
     steps, eta, guidance, meaning, origin = FAMILY_SETTINGS.get(family, GENERIC_SETTINGS)
     fallback = dict(zip(NAMES, (steps, eta, guidance)))
     if family in FAMILY_SETTINGS:
@@ -174,5 +193,15 @@ def recommended_settings(metadata: dict, family: str | None, file_format: str | 
         else:
             values[name] = fallback[name]
             sources[name] = origin if problem is None else f"{problem}; {origin}"
+    if at_steps and at_steps != values["steps"]:
+        values["steps"], sources["steps"] = at_steps, "the loader's at_steps input"
+        measured = calibrated_at(metadata, at_steps)
+        if measured is not None:
+            values["guidance"], values["eta"] = measured
+            sources["guidance"] = sources["eta"] = f"the file's calibration at {at_steps} steps"
+        elif at_steps <= FEW_STEPS and meaning.startswith("CFG"):
+            values["guidance"] = FEW_STEPS_GUIDANCE
+            sources["guidance"] = (f"the pack's default at {FEW_STEPS} steps or fewer (TDD Guidance 1.0: at 2 steps "
+                                   "larger scales cost prompt adherence, measured in docs/quality.md)")
     return Recommended(int(values["steps"]), float(values["eta"]), float(values["guidance"]), sources, meaning,
                        calibration)

@@ -49,6 +49,47 @@ def test_trainer_metadata_gives_the_settings(host, lora_files, comfy_base):
         assert f"{key}: the file's tdd_recommended_{key} metadata" in info, info
 
 
+def test_at_steps_gives_the_calibrations_setting_for_that_count(host, lora_files, comfy_base):
+    """A calibrated file asked for another step count: that count, with the guidance and eta its
+    calibration chose there; a count it did not calibrate keeps the recommended ones (at 2-3 steps:
+    guidance 1.0)."""
+    import json
+
+    model, clip, _ = run_node(host, "TDDTestTinyModel", seed=0)
+    table = {"criterion": "lowpass", "prompts": 32, "reference": "25-step image at guidance 4.5",
+             "best": {"2": {"guidance": 1.0, "eta": 0.0}, "4": {"guidance": 1.3, "eta": 0.1},
+                      "8": {"guidance": 1.5, "eta": 0.2}}}
+    name = with_metadata(comfy_base, lora_files["good"], "calibrated.safetensors",
+                         {"tdd_recommended_steps": "4", "tdd_recommended_eta": "0.1",
+                          "tdd_recommended_guidance": "1.3", "tdd_calibration": json.dumps(table)})
+
+    def at(steps):
+        return run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=name, strength_model=1.0,
+                        strength_clip=1.0, at_steps=steps)[2:]
+
+    info, *values = at(0)
+    assert tuple(values) == (4, 0.1, 1.3) and "calibrated on 32 prompts" in info, info
+    info, *values = at(8)
+    assert tuple(values) == (8, 0.2, 1.5) and "calibration at 8 steps" in info, info
+    assert tuple(at(2)[1:]) == (2, 0.0, 1.0)
+    info, *values = at(6)  # not calibrated at 6: the recommended eta and guidance
+    assert tuple(values) == (6, 0.1, 1.3) and "at_steps input" in info, info
+    info, *values = at(3)  # not calibrated at 3 either: the few-step default guidance
+    assert tuple(values) == (3, 0.1, 1.0) and "3 steps or fewer" in info, info
+
+
+def test_at_steps_on_a_file_without_calibration(host, lora_files):
+    model, clip, _ = run_node(host, "TDDTestTinyModel", seed=0)
+    out = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=lora_files["good"].name,
+                   strength_model=1.0, strength_clip=1.0, at_steps=2)
+    assert tuple(out[3:]) == (2, 0.2, 1.0)
+    out = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=lora_files["good"].name,
+                   strength_model=1.0, strength_clip=1.0, at_steps=8)
+    assert tuple(out[3:]) == (8, 0.2, 1.7)
+    ls = settings()
+    assert ls.recommended_settings({}, "flux", None, at_steps=2).guidance == 2.0  # FLUX guidance is not CFG
+
+
 def test_no_metadata_on_a_family_without_release_gives_tdd_defaults(host, lora_files):
     model, clip, _ = run_node(host, "TDDTestTinyModel", seed=0)
     _, _, info, *values = load(host, model, clip, lora_files["good"].name)
