@@ -116,7 +116,7 @@ CRITERIA: dict[str, Callable[[Sample, Sample], torch.Tensor]] = {
     "pixel+saturation": pixel_mse_saturation,
 }
 #: The default: the candidate whose choices agreed best with the demo classifier (docs/quality.md).
-DEFAULT_CRITERION = "lowpass"
+DEFAULT_CRITERION = "latent"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Setting:
 class Sweep:
     """What is swept. ``guidances`` means CFG against the empty prompt for SD-family students and the
     guidance embedding for FLUX (:meth:`for_family`)."""
-    steps: tuple[int, ...] = (4, 6, 8)
+    steps: tuple[int, ...] = (2, 4, 6, 8)
     guidances: tuple[float, ...] = (1.0, 1.3, 1.5, 1.7, 2.0, 2.5)
     etas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
     search: str = "coordinate"          # or "grid"
