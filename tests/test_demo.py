@@ -1,6 +1,7 @@
 """The embedded demo model: its loader node, its shipped weights, and the demo workflow end to end."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -119,6 +120,24 @@ def test_demo_workflow_runs_and_depends_on_the_prompt(server, prefix):
     assert np.abs(a - b).mean() > 5.0, "two prompts with the same seed gave the same image"
     # the trained model follows the prompt: "light background" vs "dark background"
     assert np.median(a) > np.median(b) + 80, (np.median(a), np.median(b))
+
+
+def test_demo_workflow_samples_with_the_settings_measured_for_its_lora(server):
+    """The TDD branch takes steps, eta and guidance from TDD LoRA Loader, and the shipped demo LoRA
+    carries its calibration (so the loader hands out measured values, not the SDXL reference's)."""
+    from trainer.lora_format import read_header_metadata
+
+    api = wt.to_api(wt.load(REPO / "workflows" / "tdd_demo.json"), server.object_info())
+    (loader,) = [k for k, n in api.items() if n["class_type"] == "TDDLoraLoader"]
+    wired = {n["class_type"]: n["inputs"] for n in api.values()}
+    assert wired["TDDScheduler"]["steps"] == [loader, 3]
+    assert wired["TDDSampler"]["eta"] == [loader, 4]
+    assert wired["TDDGuidance"]["scale"] == [loader, 5]
+    meta = read_header_metadata(REPO / "demo" / "loras" / "demo_tdd_lora.safetensors")
+    table = json.loads(meta["tdd_calibration"])
+    best = table["best"][meta["tdd_recommended_steps"]]
+    assert (float(meta["tdd_recommended_guidance"]), float(meta["tdd_recommended_eta"])) == (
+        best["guidance"], best["eta"])
 
 
 @pytest.mark.parametrize("state,needle", [("missing", "does not hold the demo weights"), ("corrupt", "is corrupt")])
