@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", default=str(REPO / "out" / "tdd_demo_grid.png"))
+    ap.add_argument("--workflow", default=str(REPO / "workflows" / "tdd_demo.json"),
+                    help="the demo workflow to queue (e.g. an older version, to compare)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         base = harness.make_base_dir(tmp, with_test_pack=False)
         with harness.ComfyServer(base) as server:
             log.info("ComfyUI with the TDD pack: %s", server.url)
-            api = workflow_tools.to_api(workflow_tools.load(REPO / "workflows" / "tdd_demo.json"), server.object_info())
+            api = workflow_tools.to_api(workflow_tools.load(Path(args.workflow)), server.object_info())
             teacher, student = branch(api, "tdd_demo/teacher"), branch(api, "tdd_demo/tdd")
             run_one(server, teacher)  # warm-up: loads the model and the LoRA once
             run_one(server, student)
