@@ -14,7 +14,7 @@ TDD_NODES = {
     "TDDSampler": ["eta", "x0_clip_steps", "batch_stable_noise"],
     "TDDGuidance": ["model", "positive", "negative", "scale", "guidance_start", "guidance_end", "rescale"],
     "TDDX0Clip": ["model", "mode", "clip_steps", "ratio", "max_value"],
-    "TDDLoraLoader": ["model", "lora_name", "strength_model", "strength_clip", "clip"],
+    "TDDLoraLoader": ["model", "lora_name", "strength_model", "strength_clip", "clip", "at_steps"],
 }
 
 

@@ -369,8 +369,13 @@ def test_disk_full_on_a_real_tmpfs(train_images, tmp_path):
     assert f"last good checkpoint is {disk / 'run' / r['checkpoint']}" in msg and "--resume" in msg
     assert r["unchanged"] and r["latest"] == r["checkpoint"] and r["temps"] == []
     from trainer.loop import train
-    straight = train(fx.train_config(train_images, tmp_path / "straight", max_steps=4, batch_size=1, save_every=1),
-                     components=fx.tiny_sd15(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): bit-equal sums need the same thread count
+    try:
+        straight = train(fx.train_config(train_images, tmp_path / "straight", max_steps=4, batch_size=1,
+                                         save_every=1), components=fx.tiny_sd15(0))
+    finally:
+        torch.set_num_threads(threads)
     assert same_tensors(loads(results / "lora.safetensors"), loads(straight["out"]))
     assert log_rows(results) == log_rows(tmp_path / "straight" / "run")
 
