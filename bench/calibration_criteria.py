@@ -166,6 +166,13 @@ def est(e: qm.Estimate) -> str:
 def report(rows, mean_regret, grid, sweep, args, seconds, two_step) -> str:
     from trainer import calibrate
 
+    if not rows:  # the 2-step study alone
+        lines = ["# 2 steps: the TDD recipe and variants within the method", "",
+                 f"Written by `bench/calibration_criteria.py --steps --two-step` (LoRA `{Path(args.lora).name}`, "
+                 f"{args.two_step_prompts} prompts of seed {args.prompt_seed}, noises of seed {args.noise_seed}, "
+                 f"{seconds / 60:.1f} min). Accuracy: the attribute classifier's mean, 95% bootstrap intervals.", "",
+                 "| variant | accuracy % |", "|---|---|", *[f"| {label} | {est(e)} |" for label, e in two_step or []]]
+        return "\n".join(lines) + "\n"
     lines = [
         "# Calibration criteria against the demo classifier",
         "",
