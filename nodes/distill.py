@@ -11,6 +11,7 @@ finished file instead of training again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import sys
 
 import comfy.model_management
+import numpy as np
 import torch
 import comfy.utils
 import folder_paths
@@ -83,8 +85,6 @@ def write_image_batch(image_batch: torch.Tensor, captions: list[str]) -> str:
     captions, named by a hash of pixels and captions, so another batch is another data set (resume
     and reuse tell them apart) and the same batch is the same one."""
     from PIL import Image
-    import hashlib
-    import numpy as np
 
     pixels = (image_batch.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     digest = hashlib.sha256(pixels.tobytes() + "\0".join(captions).encode()).hexdigest()[:16]

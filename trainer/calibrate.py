@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from tdd_core import batch_stable_noise_sampler, item_seed, sample_tdd, tdd_timesteps
 
-from .lora_format import recommended_settings
+from .lora_format import atomic_save_safetensors, read_tdd_metadata, recommended_settings
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +255,7 @@ class Calibrator:
 
 
 def _cat(conds: list):
-    out = conds[0]
-    for c in conds[1:]:
-        out = out.cat(c)
-    return out
+    return functools.reduce(lambda a, b: a.cat(b), conds)
 
 
 def search(score: Callable[[Setting], float], sweep: Sweep, eta0: float) -> tuple[dict[int, Setting], dict]:
@@ -334,8 +332,6 @@ def recalibrated_copy(lora_path: Path, out: Path, calibration: Calibration) -> P
     original is never changed)."""
     from safetensors import safe_open
 
-    from .lora_format import atomic_save_safetensors
-
     with safe_open(str(lora_path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -380,7 +376,6 @@ GENERIC_PROMPTS = (
 
 
 def main(argv=None) -> int:
-    from .lora_format import read_tdd_metadata
     from .models import TeacherError, load_teacher
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
