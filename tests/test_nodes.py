@@ -105,20 +105,23 @@ def test_ksampler_names_are_registered(host):
 
 
 def test_same_seed_same_image_and_callback_every_step(host, tiny_parts, conds):
-    import comfy.utils
+    """The sampler calls the host's callback once per step, with each step's x0 (what the pack controls:
+    the host may throttle how often that reaches the UI's progress hook, ComfyUI 0.33 does)."""
+    import comfy.sample
 
     model = tiny_parts[0]
-    steps_seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: steps_seen.append((value, total)))
-    try:
-        a = custom_sample(host, model, conds, tdd_sampler(host), tdd_sigmas(host, model), seed=3)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
+    pos, neg = conds
+    lat = empty_latent(host)["samples"]
+    seen = []
+    a = comfy.sample.sample_custom(model, comfy.sample.prepare_noise(lat, 3), 1.0, tdd_sampler(host),
+                                   tdd_sigmas(host, model), pos, neg, lat,
+                                   callback=lambda i, x0, x, n: seen.append((i, n, x0.shape)), seed=3)
     b = custom_sample(host, model, conds, tdd_sampler(host), tdd_sigmas(host, model), seed=3)
     c = custom_sample(host, model, conds, tdd_sampler(host), tdd_sigmas(host, model), seed=4)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert torch.isfinite(a).all()
-    assert [v for v, _ in steps_seen] == [1, 2, 3, 4] and {t for _, t in steps_seen} == {4}
+    assert [(i, n) for i, n, _ in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert {shape for _, _, shape in seen} == {lat.shape}
 
 
 def test_eta_changes_the_result_and_zero_is_deterministic_in_the_noise(host, tiny_parts, conds):
