@@ -152,7 +152,7 @@ def test_first_visit_lists_the_pack_workflows_in_templates(first_visit):
     dialog.wait_for(state="hidden", timeout=UI_TIMEOUT_MS)
     front.page.wait_for_function("() => app.graph.nodes.length > 0", timeout=UI_TIMEOUT_MS)
     assert sorted(front.node_types()) == sorted(n["type"] for n in wt.load(DEMO)["nodes"])
-    assert front.unregistered_types() == [] and front.page.locator(browser_ui.MISSING_NODES_DIALOG).count() == 0
+    assert front.unregistered_types() == [] and front.missing_node_notices().count() == 0
     front.fit_view()
     front.shot("03_template_opened")
     assert front.problems() == []
@@ -167,28 +167,32 @@ def test_workflow_loads_in_the_frontend(ui, object_info, path):
     wf = wt.load(path)
     ui.load_workflow(wf, path.name)
     ui.shot(f"10_workflow_{path.stem}")
-    assert ui.page.locator(browser_ui.MISSING_NODES_DIALOG).count() == 0, "missing-nodes dialog shown"
+    assert ui.missing_node_notices().count() == 0, ui.missing_node_notices().all_inner_texts()
     assert ui.unregistered_types() == []
     assert sorted(ui.node_types()) == sorted(n["type"] for n in wf["nodes"])
-    assert ui.nodes_with_errors() == []
+    # Only the nodes naming a file the user downloads or supplies (none of them is on the test server)
+    # are marked: frontend 1.49 flags a missing model or input image on its node.
+    assert sorted(ui.nodes_with_errors()) == sorted(wt.missing_user_files(wf, object_info))
     images = [v["image"] for n in wf["nodes"] if n["type"] == "LoadImage"
               for v in [wt.widget_values(n, object_info["LoadImage"])]]
     assert ui.problems(allow=lambda e: browser_ui.missing_input_image(e, images)) == []
 
 
 def test_unknown_node_type_is_caught(ui):
-    """The checks above see a node type the server does not have (missing-nodes dialog)."""
+    """The checks above see a node type the server does not have (the missing-node notice, the node
+    unregistered and marked)."""
     wf = wt.load(DEMO)
     wf["nodes"][1]["type"] = "TDDNodeThatDoesNotExist"
     ui.load_workflow(wf, "broken.json")
-    dialog = ui.page.locator(browser_ui.MISSING_NODES_DIALOG)
-    dialog.wait_for(timeout=UI_TIMEOUT_MS)
-    assert "TDDNodeThatDoesNotExist" in dialog.inner_text()
+    notice = ui.missing_node_notices()
+    notice.first.wait_for(timeout=UI_TIMEOUT_MS)
+    assert "TDDNodeThatDoesNotExist" in notice.first.inner_text()
     assert ui.unregistered_types() == ["TDDNodeThatDoesNotExist"]
+    assert ui.nodes_with_errors() == [f"{wf['nodes'][1]['id']} TDDNodeThatDoesNotExist"]
     ui.shot("19_unknown_node_caught")
-    ui.page.keyboard.press("Escape")
-    dialog.wait_for(state="hidden", timeout=UI_TIMEOUT_MS)
     ui.problems()  # what the frontend logs about the broken file is not the pack's
+    ui.settle()  # closes the notice
+    assert ui.missing_node_notices().count() == 0
 
 
 def test_console_and_page_errors_are_caught(ui):
@@ -203,10 +207,16 @@ def test_console_and_page_errors_are_caught(ui):
     (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/api/userdata/user.css", True),
     (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/favicon.ico", True),
     ("Failed to load resource: net::ERR_NAME_NOT_RESOLVED", "https://api.comfy.org/nodes?node_id=comfy-core", True),
+    (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/api/userdata?dir=subgraphs&recurse=true", True),
+    ("Failed to load resource: net::ERR_NAME_NOT_RESOLVED",
+     "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors", True),
+    ("ComfyApp graph accessed before initialization", "http://127.0.0.1:8188/assets/settingStore-CwkLtSKP.js", True),
     # the pack's own files are never noise: a missing template thumbnail, a node of the pack failing
     (browser_ui._NOT_FOUND + " (Not Found)", "http://127.0.0.1:8188/api/workflow_templates/tdd-comfyui/x.jpg", False),
     ("Failed to load resource: net::ERR_NAME_NOT_RESOLVED", "https://example.org/tdd.js", False),
     ("TypeError: Cannot read properties of undefined (reading 'id')\n    at onNodeCreated (x.js)", "x.js", False),
+    ("ComfyApp graph accessed before initialization", "http://127.0.0.1:8188/extensions/tdd-comfyui/tdd_distill.js",
+     False),
 ])
 def test_host_noise_patterns_are_narrow(text, url, noise):
     assert browser_ui.is_host_noise(browser_ui.ConsoleEntry("error", text, url)) is noise
@@ -219,13 +229,25 @@ def test_host_noise_patterns_are_narrow(text, url, noise):
 SEARCH_SPOT = (0.45, 0.6)  # where on the canvas the search box is opened (fraction of its size)
 
 
-def open_search(ui):
+def open_search(ui, attempts: int = 3):
     """Double-click the empty canvas spot SEARCH_SPOT -> the search box's input (a new one: the
-    previous box must have closed first, or the locator would find it while it fades out)."""
+    previous box must have closed first, or the locator would find it while it fades out).
+
+    Frontend 1.49 sometimes takes the first double-click after a node was added from the search as
+    the end of that interaction and opens nothing; a user double-clicks again, and so does this
+    (up to ``attempts`` times)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     search = ui.page.get_by_placeholder(browser_ui.SEARCH_PLACEHOLDER)
     search.wait_for(state="detached", timeout=UI_TIMEOUT_MS)
-    ui.double_click(*canvas_point(ui, *SEARCH_SPOT))
-    search.wait_for(timeout=UI_TIMEOUT_MS)
+    for attempt in range(attempts):
+        ui.double_click(*canvas_point(ui, *SEARCH_SPOT))
+        try:
+            search.wait_for(timeout=UI_TIMEOUT_MS if attempt == attempts - 1 else 3000)
+            return search
+        except PlaywrightTimeoutError:
+            if attempt == attempts - 1:
+                raise
     return search
 
 
@@ -354,25 +376,28 @@ def test_bad_guidance_interval_shows_the_error_then_a_valid_run_succeeds(ui, ser
     details = " ".join(e["details"] for e in body["node_errors"][str(gid)]["errors"])
     assert "guidance_start" in details and "guidance_end" in details, details
     marked = ui.js("(id) => { const n = app.graph.getNodeById(id); "
-                   "return {errors: app.lastNodeErrors?.[id]?.errors?.length ?? 0, stroke: n.strokeStyles.nodeError.call(n)}; }",
+                   "return {errors: app.lastNodeErrors?.[id]?.errors?.length ?? 0, marked: n.has_errors === true}; }",
                    gid)
-    assert marked["errors"] > 0 and marked["stroke"] == {"color": "red"}, marked
+    assert marked["errors"] > 0 and marked["marked"], marked  # frontend 1.49 outlines a node with has_errors in red
     server.wait(body["prompt_id"], timeout=RUN_TIMEOUT_S)
     ui.fit_view()
     ui.shot("40_bad_value_node_marked")
 
-    # Running the TDD branch alone: the prompt is refused and the error dialog shows the node's message.
+    # Running the TDD branch alone: the prompt is refused; the error overlay tells so, and its
+    # "View details" opens the workflow's error panel, which names the node and both inputs.
     status, body = ui.run_selected_output(TDD_OUTPUT_TITLE)
     assert status == 400 and str(gid) in body.get("node_errors", {}), body
-    dialog = ui.page.locator(browser_ui.ERROR_DIALOG)
-    dialog.wait_for(timeout=UI_TIMEOUT_MS)
-    text = dialog.inner_text()
+    overlay = ui.page.locator(browser_ui.ERROR_OVERLAY).filter(has_text="Invalid input")
+    overlay.first.wait_for(timeout=UI_TIMEOUT_MS)
     message = body["node_errors"][str(gid)]["errors"][0]["details"]
     assert "guidance_start" in message and "guidance_end" in message, message
-    assert "TDDGuidance" in text and message in text, text
-    ui.shot("41_bad_value_error_dialog")
-    ui.page.keyboard.press("Escape")
-    dialog.wait_for(state="hidden", timeout=UI_TIMEOUT_MS)
+    overlay.first.get_by_test_id("error-overlay-see-errors").click()
+    title = object_info["TDDGuidance"]["display_name"]
+    for name in ("guidance_start", "guidance_end"):
+        ui.page.get_by_text(f"{title} - {name}", exact=True).first.wait_for(timeout=UI_TIMEOUT_MS)
+    ui.shot("41_bad_value_error_details")
+    ui.page.get_by_role("button", name="Toggle properties panel").click()  # closes the panel
+    ui.settle()
     # The browser logs the refused POST /prompt (400), and the frontend the error it shows: expected here.
     refused = lambda e: (("status of 400" in e.text and e.url.rstrip("/").endswith("/api/prompt"))
                          or e.text.startswith("PromptExecutionError: Prompt execution failed"))

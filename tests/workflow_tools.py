@@ -129,6 +129,21 @@ def widget_values(node: dict, info: dict) -> dict:
     return {s.name: v for s, v in zip(widget_slots(info), vals) if s.kind == "value"}
 
 
+def missing_user_files(wf: dict, object_info: dict) -> list[str]:
+    """``"<id> <type>"`` of each node that names a user file (a model, an input image) the server does
+    not have: the nodes the frontend marks as having errors until the user supplies the file."""
+    missing = []
+    for n in wf.get("nodes", []):
+        info = object_info.get(n.get("type"))
+        if info is None:
+            continue
+        values = widget_values(n, info)
+        if any(file_input_exts(spec.name) is not None and spec.name in values and values[spec.name] not in spec.options
+               for spec in input_specs(info) if spec.type == "COMBO"):
+            missing.append(f"{n['id']} {n['type']}")
+    return missing
+
+
 def types_match(out_type: str, in_type: str) -> bool:
     if out_type == "*" or in_type == "*":
         return True
