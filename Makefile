@@ -1,4 +1,5 @@
-# Development host for the TDD pack: a venv with the pinned ComfyUI 0.3.75 (scripts/bootstrap.sh).
+# Development host for the TDD pack: a venv with ComfyUI 0.33.0 (scripts/bootstrap.sh: from
+# ../shared/hosts/comfyui-0.33.0.tar.gz, else a git clone at v0.33.0, else the registry's 0.3.75).
 #   make env    build .venv/ and .host/ComfyUI (idempotent; COMFYUI_PATH=... uses another ComfyUI)
 #   make test   env, then the test suite (PYTEST_ARGS='-m "not server"' skips the server tests), then its
 #               server-level node tests again on the oldest supported ComfyUI (0.3.52)
@@ -26,11 +27,13 @@ OLDEST := 0.3.52
 OLDEST_HOST_TESTS := tests/test_server_tdd.py tests/test_bad_inputs.py tests/test_lora_settings.py tests/test_workflows.py tests/test_nodes.py
 
 test: env
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	@t0=$$(date +%s); $(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	  echo "== phase 1 (the whole suite, default host): $$(( $$(date +%s) - t0 )) s"; exit $$rc
 	@if [ -z "$(TDD_NO_OLD_HOST)" ] && [ -z "$(COMFYUI_PATH)" ]; then \
-	  echo "== the server-level tests again, on the oldest supported ComfyUI $(OLDEST) =="; \
+	  echo "== the server-level tests again, on the oldest supported ComfyUI $(OLDEST) =="; t0=$$(date +%s); \
 	  COMFYUI_PATH="$(CURDIR)/.host/ComfyUI-$(OLDEST)" PYTHONPATH="$(CURDIR)/.host/pydeps-$(OLDEST)" \
-	    $(PY) -m pytest -q -m "not browser" $(OLDEST_HOST_TESTS) $(PYTEST_ARGS); fi
+	    $(PY) -m pytest -q -m "not browser" $(OLDEST_HOST_TESTS) $(PYTEST_ARGS); rc=$$?; \
+	  echo "== phase 2 (server-level tests, ComfyUI $(OLDEST)): $$(( $$(date +%s) - t0 )) s"; exit $$rc; fi
 
 run:
 	@set -e; comfy="$$(bash scripts/bootstrap.sh)"; base="$(CURDIR)/.host/base"; \

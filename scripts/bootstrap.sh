@@ -14,7 +14,7 @@ VENV="${VENV:-$here/.venv}"
 PY="${PYTHON:-python3}"
 host_dir="$here/.host"
 CURRENT="0.33.0"
-TARBALL="${TDD_HOST_TARBALL:-$here/../shared/hosts/comfyui-$CURRENT.tar.gz}"
+TARBALL="${TDD_HOST_TARBALL:-$(dirname "$here")/shared/hosts/comfyui-$CURRENT.tar.gz}"
 COMFYUI_GIT="https://github.com/comfyanonymous/ComfyUI.git"
 
 log() { echo "[bootstrap] $*" >&2; }

@@ -298,7 +298,23 @@ def execution_error(entry: dict) -> dict | None:
 # In-process host
 # ------------------------------------------------------------------------------------------------
 
-_HOST = {"nodes": None, "base_dir": None}
+_HOST = {"nodes": None, "base_dir": None, "log": ""}
+
+
+class _LogText(logging.Handler):
+    """Collects the formatted log records of the in-process host's start-up."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def inprocess_log() -> str:
+    """What the in-process host logged while it loaded (its built-in extras and custom nodes)."""
+    return _HOST["log"]
 
 
 def inprocess_host(base_dir, comfyui: Path | None = None):
@@ -340,12 +356,21 @@ def inprocess_host(base_dir, comfyui: Path | None = None):
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         server.PromptServer(loop)
-        loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        collect, root_logger = _LogText(), logging.getLogger()
+        level = root_logger.level
+        root_logger.addHandler(collect)
+        root_logger.setLevel(min(level, logging.INFO))  # (the custom-node import times are INFO lines)
+        try:
+            loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        finally:
+            root_logger.removeHandler(collect)
+            root_logger.setLevel(level)
+        _HOST["log"] = "\n".join(collect.lines)
     finally:
         sys.argv = saved_argv
     if os.path.dirname(os.path.realpath(nodes.__file__)) != root:
         raise RuntimeError(f"imported the wrong 'nodes' module: {nodes.__file__} (expected ComfyUI's)")
-    _HOST.update(nodes=nodes, base_dir=base_dir)
+    _HOST.update(nodes=nodes, base_dir=base_dir)  # (and "log", set above)
     return nodes
 
 

@@ -94,6 +94,18 @@ MODULE_FILES = {"comfy_api.latest.io": "comfy_api.latest._io"}
 NAMESPACE_CLASSES = {"comfy_api.latest._io": "_IO"}
 
 
+def _top_level(body):
+    """The statements of a module body, those inside top-level ``if``/``else`` and ``try`` blocks too
+    (``if args.models_directory: models_dir = ... else: models_dir = ...`` defines a module name)."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.If):
+            yield from _top_level(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            yield from _top_level(node.body + node.orelse + node.finalbody
+                                  + [s for h in node.handlers for s in h.body])
+
+
 def tree_names(tree: Path, module: str) -> set[str] | None:
     """Top-level names of ``module`` in the ComfyUI ``tree`` (None if it is not a file there)."""
     module = MODULE_FILES.get(module, module)
@@ -102,7 +114,7 @@ def tree_names(tree: Path, module: str) -> set[str] | None:
         if candidate.is_file():
             t = ast.parse(candidate.read_text(errors="replace"))
             names = set()
-            for node in t.body:
+            for node in _top_level(t.body):
                 if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     names.add(node.name)
                 elif isinstance(node, ast.Assign):

@@ -88,6 +88,28 @@ def test_server_loads_tdd_pack_without_import_failure(server):
     assert failures == [], "\n".join(failures)
 
 
+def host_failures(log_text: str) -> list[str]:
+    """Import/entry-point failures of anything, the host's built-ins too, except its audio nodes when
+    torchaudio is not installed (a host without it: the registry's 0.3.75 fallback)."""
+    try:
+        import torchaudio  # noqa: F401
+        audio_ok = True
+    except ImportError:
+        audio_ok = False
+    return [f for f in harness.all_import_failures(log_text) if audio_ok or "audio" not in f]
+
+
+def test_inprocess_host_loads_every_extension(host):
+    """The in-process host starts as main.py does: no built-in extension fails (on ComfyUI 0.33 one
+    did, nodes_replacements.py, when no PromptServer existed)."""
+    assert harness.inprocess_log(), "nothing was logged while the host loaded"
+    assert host_failures(harness.inprocess_log()) == []
+
+
+def test_server_loads_every_extension(server):
+    assert host_failures(server.log_text()) == []
+
+
 def test_stock_txt2img_graph(server):
     entry = server.run(harness.tiny_txt2img_graph(seed=1, prefix="harness_txt2img"))
     images = server.output_images(entry)
