@@ -128,7 +128,8 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("received %s: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
+        log.warning("received %s: saving a checkpoint and stopping after this step (during calibration: at "
+                    "the next model evaluation)", signal.Signals(signum).name)
         self.set = True
 
     def restore(self):
@@ -191,6 +192,11 @@ class _Log:
                 self.tb.close()
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def _logged_step(row: dict) -> int:
     """A log.csv row's step, or 0 for a row a kill cut short (never kept)."""
     try:
@@ -210,11 +216,14 @@ def _as_teacher(components, cfg, dtype, device) -> models.Teacher:
     return models.from_components(*components[:3])
 
 
-def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = ()) -> dict:
+def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (), on_calibration=None) -> dict:
     """Run (or resume) a distillation. ``components``: a :class:`trainer.models.Teacher` or a
     ``(model, clip, vae)`` triple to use instead of loading ``cfg.teacher``. ``on_step(run, row)``
     is called after every optimizer step with the log row (progress for a host such as ComfyUI);
     it may call ``run.request_stop()``: the run then checkpoints and returns "interrupted" as on SIGTERM.
+    ``on_calibration(run, done, total)``: calibration's progress in model evaluations (it may call
+    ``run.request_stop()`` too: calibration stops at the next evaluation, the LoRA is not written, and
+    a resume calibrates and writes it).
     ``interrupts``: exception types a host raises inside the model to cancel at once (ComfyUI checks
     its Cancel flag in every layer): the step in progress is dropped and the last completed one is
     checkpointed, so a resume continues exactly.
@@ -231,7 +240,7 @@ def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (
     cfg.resolve_accumulation()
     try:
         run = Run(cfg, components, ddp)
-        run.on_step, run.interrupts = on_step, tuple(interrupts)
+        run.on_step, run.on_calibration, run.interrupts = on_step, on_calibration, tuple(interrupts)
         try:
             run.resume()
             return run.run()
@@ -302,7 +311,7 @@ class Run:
                          else torch.autocast(self.device.type, enabled=False))
         self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
         self.stop, self.logger, self.bar = _StopFlag(), None, None
-        self.on_step, self.interrupts = None, ()
+        self.on_step, self.on_calibration, self.interrupts = None, None, ()
 
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
@@ -505,26 +514,68 @@ class Run:
                    self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed)
 
     # ---- finish ------------------------------------------------------------------------------
-    def calibration(self) -> calibrate.Calibration | None:
+    def reference_guidance(self) -> float:
+        """The guidance of calibration's teacher reference: CFG 1 + --teacher-guidance; FLUX its embedding's."""
+        teacher = self.teacher
+        return teacher.default_reference_guidance() if teacher.arch == "flux" else 1.0 + self.cfg.teacher_guidance
+
+    def calibration_plan(self) -> calibrate.Plan:
+        """What calibration will cost: the budget rule (:func:`trainer.calibrate.plan_for_run`) on the whole
+        run's training samples (steps x global batch, so a resumed run plans as an uninterrupted one)."""
+        cfg = self.cfg
+        return calibrate.plan_for_run(
+            self.teacher.arch, cfg.method, cfg.kmin, cfg.kmax, cfg.max_steps * cfg.global_batch,
+            self.reference_guidance(), fraction=cfg.calibrate_budget, prompts=cfg.calibrate_prompts,
+            steps=tuple(cfg.calibrate_steps) if cfg.calibrate_steps else None)
+
+    def _announce(self, plan: calibrate.Plan, seconds_per_step: float | None) -> None:
+        """The cost line, before calibration starts: evaluations, why, and a time at this run's speed."""
+        cfg = self.cfg
+        per_eval = (seconds_per_step / (cfg.batch_size * cfg.grad_accum * calibrate.TRAIN_EVALS_PER_SAMPLE)
+                    if seconds_per_step else None)
+        when = (f"about {_duration(plan.evaluations * per_eval)} at this run's training speed "
+                f"({_duration(seconds_per_step)} per step)" if per_eval else
+                "no training step was timed in this process, so no time estimate (the progress bar shows the rate)")
+        log.info("calibrating (%s): %s, %s; %s. Stop with Ctrl-C/SIGTERM: the checkpoint is kept and --resume %s "
+                 "calibrates again", plan.level, plan.describe(), plan.reason, when, self.run_dir)
+
+    def calibration(self, seconds_per_step: float | None = None) -> calibrate.Calibration | None:
         """The recommended sampler settings of the trained LoRA, measured (trainer/calibrate.py): the
-        data's captions with fresh noises, the student (LoRA on) against the teacher (LoRA off)."""
+        data's captions with fresh noises, the student (LoRA on) against the teacher (LoRA off), at
+        the cost the budget rule allows. A stop request (:meth:`request_stop`, SIGTERM) raises
+        :class:`trainer.calibrate.CalibrationStopped` at the next model evaluation."""
+        from tqdm.auto import tqdm
         cfg, teacher = self.cfg, self.teacher
         if not cfg.calibrate:
             return None
-        captions = calibrate.held_out_captions([it.caption for it in self.items], cfg.calibrate_prompts, cfg.seed)
-        with self.autocast:
-            return calibrate.calibrate_lora(
-                teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
-                self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
-                criterion=cfg.calibrate_criterion,
-                reference_guidance=None if teacher.arch == "flux" else 1.0 + cfg.teacher_guidance)
+        plan = self.calibration_plan()
+        self._announce(plan, seconds_per_step)
+        captions = calibrate.held_out_captions([it.caption for it in self.items], plan.prompts, cfg.seed)
+        bar = tqdm(total=plan.evaluations, disable=not cfg.progress, desc="calibrate", unit="eval",
+                   unit_scale=True)
 
-    def finish(self, run_seconds: float | None = None) -> None:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+            if self.on_calibration is not None:
+                self.on_calibration(self, done, total)
+
+        monitor = calibrate.Monitor(plan.evaluations, progress, lambda: self.stop.set)
+        try:
+            with self.autocast:
+                return calibrate.calibrate_lora(
+                    teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
+                    self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
+                    criterion=cfg.calibrate_criterion, reference_guidance=self.reference_guidance(), plan=plan,
+                    monitor=monitor)
+        finally:
+            bar.close()
+
+    def finish(self, run_seconds: float | None = None, seconds_per_step: float | None = None) -> None:
         """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
         if not self.main:
             return
         cfg, teacher = self.cfg, self.teacher
-        cal = self.calibration()
+        cal = self.calibration(seconds_per_step)
         extra = {}
         if cal is not None:
             cal.run_seconds = run_seconds
@@ -550,7 +601,7 @@ class Run:
         self.logger = _Log(self.run_dir, self.main, self.step)
         self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), desc="tdd",
                         unit="step")
-        t_start = time.perf_counter()
+        t_start, first_step = time.perf_counter(), self.step
         status, last_ckpt = "done", None
         while self.step < cfg.max_steps:
             rng_at_start = checkpoint.rng_state() if self.interrupts else None
@@ -584,12 +635,16 @@ class Run:
         else:
             if self.step % cfg.save_every != 0:
                 last_ckpt = self.save_checkpoint()
+            seconds = time.perf_counter() - t_start
             try:
-                self.finish(time.perf_counter() - t_start)
-            except self.interrupts as e:  # cancelled while calibrating: the checkpoint holds every step
+                self.finish(seconds, seconds / (self.step - first_step) if self.step > first_step else None)
+            except (calibrate.CalibrationStopped, *self.interrupts) as e:
+                # stopped while calibrating: the checkpoint holds every step
                 status = "interrupted"
-                log.warning("cancelled (%s) while calibrating; no LoRA written. Resume (%s) to calibrate and write "
-                            "it", type(e).__name__, self.run_dir)
+                log.warning("%s while calibrating (%s); no LoRA written; checkpoint %s of step %d. Continue with "
+                            "--resume %s: it calibrates and writes the LoRA", "stopped" if isinstance(
+                                e, calibrate.CalibrationStopped) else f"cancelled ({type(e).__name__})",
+                            e, last_ckpt, self.step, self.run_dir)
         return {"status": status, "step": self.step, "out": str(self.out_path) if status == "done" else None,
                 "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": self.losses,
                 "skipped_images": self.data.skipped, "run_dir": str(self.run_dir)}
