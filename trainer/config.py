@@ -69,6 +69,7 @@ class TrainConfig:
     precision: str = "auto"             # autocast dtype
     base_dtype: str = "auto"            # storage dtype of the frozen base (auto: fp32, as the reference)
     gradient_checkpointing: bool = False
+    fsdp: bool = False                  # shard the frozen base over the torchrun processes (FSDP2 fully_shard)
     seed: int = 0
     # data
     resolution: int | None = None       # default: the architecture's native size
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "adversarial": "the adversarial variant (docs/method.md 5.2): discriminator heads on the frozen teacher",
         "adv_weight": "weight of the generator (hinge) term in the student's loss; reference 0.1",
         "adv_lr": "learning rate of the discriminator heads (AdamW betas 0/0.999, weight decay 1e-3); reference 1e-5",
+        "fsdp": "under torchrun: shard the frozen base model over the processes (FSDP2), so each process holds 1/N "
+                "of its weights and gathers one block at a time: for a model that does not fit one GPU "
+                "(docs/trainer.md, 'A model that does not fit one GPU'). The same result as without",
         "validate_every": "write a 4- and 8-step validation grid every N steps (0: never)",
         "validation_prompts": "validation prompt (repeat the flag for several; default: first dataset captions)",
         "calibrate": "after the last step, measure the sampler settings (steps, eta, guidance) that suit the new "

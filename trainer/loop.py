@@ -1,5 +1,6 @@
 """The training loop: optimiser and LR schedule, mixed precision, gradient accumulation, data
-parallelism (torchrun: NCCL on GPU, gloo on CPU), logging, validation, checkpoints, SIGTERM.
+parallelism (torchrun: NCCL on GPU, gloo on CPU), a sharded frozen base (``--fsdp``), logging,
+validation, checkpoints, SIGTERM.
 
 Data parallelism: every process computes the same global batch (a function of the step) and takes
 its own slice; each sample's random draws depend only on its global index
@@ -111,6 +112,24 @@ def resolve_precision(cfg: TrainConfig, device: torch.device, bf16_supported: bo
     if base == "fp8" and (device.type != "cuda" or not hasattr(torch, "float8_e4m3fn")):
         raise ConfigError("--base-dtype fp8 needs a GPU and a torch with float8 support; use bf16 to save memory")
     return compute, base
+
+
+def shard_frozen_base(teacher) -> tuple[int, int]:
+    """``--fsdp``: FSDP2's ``fully_shard`` on the frozen base, so each process stores 1/N of its weights
+    and gathers one block's at a time (forward, and backward for the gradients that flow through it).
+    The units are the family's blocks (:meth:`trainer.models.Teacher.checkpoint_blocks`, those gradient
+    checkpointing wraps), the diffusion model is the root. The LoRA stays outside (its hooks run inside
+    the gathered block) and its gradients are averaged as without. -> (parameters, parameters per process)."""
+    from torch.distributed.fsdp import fully_shard
+
+    root = teacher.model.diffusion_model
+    total = sum(p.numel() for p in root.parameters())
+    for block in teacher.checkpoint_blocks():
+        if next(block.parameters(), None) is not None:
+            fully_shard(block)
+    fully_shard(root)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in root.parameters())
+    return total, local
 
 
 class _StopFlag:
@@ -303,6 +322,7 @@ class Run:
         self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint,
                                              (self.precision, self.base_dtype))
         self.fp = fingerprint(self.fields)
+        self.sharded = self._shard() if cfg.fsdp else False
         self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
         self.dsched = teacher.schedule(cfg)  # the family's noise levels and teacher step
         self.step_cfg = StepConfig(cfg.method, cfg.teacher_guidance, cfg.loss, cfg.huber_c)
@@ -312,6 +332,17 @@ class Run:
         self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
         self.stop, self.logger, self.bar = _StopFlag(), None, None
         self.on_step, self.on_calibration, self.interrupts = None, None, ()
+
+    def _shard(self) -> bool:
+        """``--fsdp``: shard the frozen base (after the teacher's fingerprint, which reads its weights)."""
+        if not self.ddp.enabled:
+            raise ConfigError("--fsdp shards the frozen model over several processes: run the trainer under "
+                              "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+        total, local = shard_frozen_base(self.teacher)
+        if self.main:
+            log.info("--fsdp: the frozen base is sharded over %d processes: %.1f M of its %.1f M parameters in "
+                     "each", self.ddp.world, local / 1e6, total / 1e6)
+        return True
 
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
@@ -511,7 +542,8 @@ class Run:
             self.val_conds = [teacher.make_cond(ctx[i:i + 1], None if pooled is None else pooled[i:i + 1], res, res)
                               for i in range(len(prompts))]
         write_grid(teacher, self.val_conds, self.latent_shape,
-                   self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed)
+                   self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed,
+                   write=self.main)
 
     # ---- finish ------------------------------------------------------------------------------
     def reference_guidance(self) -> float:
@@ -549,9 +581,10 @@ class Run:
         if not cfg.calibrate:
             return None
         plan = self.calibration_plan()
-        self._announce(plan, seconds_per_step)
+        if self.main:
+            self._announce(plan, seconds_per_step)
         captions = calibrate.held_out_captions([it.caption for it in self.items], plan.prompts, cfg.seed)
-        bar = tqdm(total=plan.evaluations, disable=not cfg.progress, desc="calibrate", unit="eval",
+        bar = tqdm(total=plan.evaluations, disable=not (cfg.progress and self.main), desc="calibrate", unit="eval",
                    unit_scale=True)
 
         def progress(done: int, total: int) -> None:
@@ -559,7 +592,9 @@ class Run:
             if self.on_calibration is not None:
                 self.on_calibration(self, done, total)
 
-        monitor = calibrate.Monitor(plan.evaluations, progress, lambda: self.stop.set)
+        # sharded: every process must stop at the same evaluation (each is collective), so they agree first
+        stop = (lambda: self.ddp.any(self.stop.set)) if self.sharded else (lambda: self.stop.set)
+        monitor = calibrate.Monitor(plan.evaluations, progress, stop)
         try:
             with self.autocast:
                 return calibrate.calibrate_lora(
@@ -571,11 +606,14 @@ class Run:
             bar.close()
 
     def finish(self, run_seconds: float | None = None, seconds_per_step: float | None = None) -> None:
-        """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
-        if not self.main:
+        """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process
+        (with a sharded base every process calibrates alike, since each model call is collective)."""
+        if not (self.main or self.sharded):
             return
         cfg, teacher = self.cfg, self.teacher
         cal = self.calibration(seconds_per_step)
+        if not self.main:
+            return
         extra = {}
         if cal is not None:
             cal.run_seconds = run_seconds
@@ -624,8 +662,8 @@ class Run:
             stopping = self.ddp.any(self.stop.set)
             if stopping or self.step % cfg.save_every == 0:
                 last_ckpt = self.save_checkpoint()
-            if self.main and cfg.validate_every and self.step % cfg.validate_every == 0:
-                self.validate()
+            if (self.main or self.sharded) and cfg.validate_every and self.step % cfg.validate_every == 0:
+                self.validate()  # (sharded: every process samples, its forwards are collective; rank 0 writes)
             if stopping:
                 status = "interrupted"
                 if self.main:
