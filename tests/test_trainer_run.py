@@ -106,15 +106,16 @@ def test_torchrun_two_gloo_processes_match_one(train_images, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_two_gloo_processes_match_one(train_images, tmp_path):
-    """--fsdp (the frozen base sharded with FSDP2's fully_shard) on 2 CPU processes (gloo), batch 1 each ==
-    1 unsharded process with batch 2: the same loss curve and weights; each process held half the base;
+    """--fsdp (the frozen base sharded with FSDP2's fully_shard), with gradient checkpointing as a large
+    family needs it, on 2 CPU processes (gloo), batch 1 each == 1 unsharded process with batch 2: the
+    same loss curve and weights; each process held half the base;
     validation and calibration (whose model calls are collective when sharded) ran and rank 0 wrote them."""
     import json
 
     from trainer.lora_format import read_header_metadata
 
     args = fx.tiny_args(train_images, tmp_path / "fsdp", "--max-steps", "3", "--batch-size", "1", "--save-every", "3",
-                        "--fsdp", "--validate-every", "3", "--calibrate")
+                        "--fsdp", "--gradient-checkpointing", "--validate-every", "3", "--calibrate")
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "trainer" / "distill.py"), *args]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
