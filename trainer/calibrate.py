@@ -268,8 +268,8 @@ def plan_for_run(arch: str, method: str, kmin: int, kmax: int, training_samples:
 
     if prompts is not None or steps is not None:
         n = int(prompts or FULL_PROMPTS)
-        return Plan(n, family, "explicit", n * cost(family), "asked for (--calibrate-prompts / --calibrate-steps): "
-                    "no budget")
+        return Plan(n, family, "explicit", n * cost(family),
+                    "asked for explicitly (a number of prompts or step counts given): no budget")
     train_evals = int(training_samples) * TRAIN_EVALS_PER_SAMPLE
     budget = int(fraction * train_evals)
     fitted = dict(budget=budget, training_evaluations=train_evals, fraction=fraction)
@@ -559,6 +559,18 @@ GENERIC_PROMPTS = (
 )
 
 
+@contextlib.contextmanager
+def _progress_bar(total: int):
+    """A tqdm bar in model evaluations -> its ``progress(done, total)`` callback."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="calibrate", unit="eval", unit_scale=True)
+    try:
+        yield lambda done, _total: bar.update(done - bar.n)
+    finally:
+        bar.close()
+
+
 def main(argv=None) -> int:
     from .models import TeacherError, load_teacher
 
@@ -581,16 +593,23 @@ def main(argv=None) -> int:
         return 2
     meta = read_tdd_metadata(lora)
     method = str(meta.get("tdd_method", "tdd")).split("-")[0]
+    method = method if method in ("tdd", "tcd", "lcm") else "tdd"
+    kmin, kmax = int(meta.get("tdd_kmin", 4)), int(meta.get("tdd_kmax", 8))
     captions = (Path(args.captions).read_text(encoding="utf-8").splitlines() if args.captions
                 else list(GENERIC_PROMPTS))
-    result = calibrate_lora(
-        teacher, lambda on: teacher.lora_file_applied(lora) if on else contextlib.nullcontext(),
-        held_out_captions([c for c in captions if c.strip()], args.prompts, args.seed),
-        args.resolution or int(meta.get("tdd_resolution", 0) or 0) or teacher.native_resolution,
-        method=method if method in ("tdd", "tcd", "lcm") else "tdd", kmin=int(meta.get("tdd_kmin", 4)),
-        kmax=int(meta.get("tdd_kmax", 8)), seed=args.seed, criterion=args.criterion,
-        reference_guidance=args.reference_guidance, steps=tuple(args.steps) if args.steps else None,
-        search=args.search, batch=args.batch)
+    reference_guidance = (teacher.default_reference_guidance() if args.reference_guidance is None
+                          else args.reference_guidance)
+    plan = plan_for_run(teacher.arch, method, kmin, kmax, 0, reference_guidance, prompts=args.prompts,
+                        steps=tuple(args.steps) if args.steps else None, search=args.search)
+    log.info("calibrating: %s", plan.describe())
+    with _progress_bar(plan.evaluations) as progress:
+        result = calibrate_lora(
+            teacher, lambda on: teacher.lora_file_applied(lora) if on else contextlib.nullcontext(),
+            held_out_captions([c for c in captions if c.strip()], plan.prompts, args.seed),
+            args.resolution or int(meta.get("tdd_resolution", 0) or 0) or teacher.native_resolution,
+            method=method, kmin=kmin, kmax=kmax, seed=args.seed, criterion=args.criterion,
+            reference_guidance=reference_guidance, batch=args.batch, plan=plan,
+            monitor=Monitor(plan.evaluations, progress))
     recalibrated_copy(lora, out, result)
     log.info("wrote %s (the original %s is unchanged)", out, lora)
     return 0
