@@ -205,6 +205,7 @@ def test_cancel_while_calibrating_keeps_the_checkpoint_and_queueing_again_calibr
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
     assert "while calibrating" in new_log(), new_log()[-3000:]
     assert delay < 5.0, f"{delay:.1f} s from Cancel to the prompt's end"
+    print(f"Cancel during calibration: the prompt ended {delay:.2f} s after /interrupt")
     assert not lora_path(comfy_base, name).exists()
 
     server.run(graph, timeout=600)
