@@ -182,6 +182,7 @@ def test_a_very_short_run_calibrates_at_the_floor(tiny_sd15, train_images, tmp_p
 
 # ---- a stop request during calibration (the CLI) ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_during_calibration_is_honoured_within_seconds(train_images, tmp_path, sig):
     """SIGTERM / Ctrl-C while the CLI calibrates (an explicit, long sweep): the process exits cleanly
