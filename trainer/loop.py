@@ -678,11 +678,12 @@ class Run:
                 self.finish(seconds, seconds / (self.step - first_step) if self.step > first_step else None)
             except (calibrate.CalibrationStopped, *self.interrupts) as e:
                 # stopped while calibrating: the checkpoint holds every step
-                status = "interrupted"
-                log.warning("%s while calibrating (%s); no LoRA written; checkpoint %s of step %d. Continue with "
-                            "--resume %s: it calibrates and writes the LoRA", "stopped" if isinstance(
-                                e, calibrate.CalibrationStopped) else f"cancelled ({type(e).__name__})",
-                            e, last_ckpt, self.step, self.run_dir)
+                status, last_ckpt = "interrupted", last_ckpt or checkpoint.latest(self.run_dir)
+                if self.main:
+                    how = "stopped" if isinstance(e, calibrate.CalibrationStopped) else f"cancelled ({type(e).__name__})"
+                    log.warning("%s while calibrating (%s); no LoRA written; checkpoint %s of step %d. Continue with "
+                                "--resume %s: it calibrates and writes the LoRA", how, e, last_ckpt, self.step,
+                                self.run_dir)
         return {"status": status, "step": self.step, "out": str(self.out_path) if status == "done" else None,
                 "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": self.losses,
                 "skipped_images": self.data.skipped, "run_dir": str(self.run_dir)}
