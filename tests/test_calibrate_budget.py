@@ -14,7 +14,6 @@ import time
 import tomllib
 
 import pytest
-import torch
 
 import trainer_fixtures as fx
 

@@ -116,7 +116,8 @@ def test_fsdp_two_gloo_processes_match_one(train_images, tmp_path):
 
     args = fx.tiny_args(train_images, tmp_path / "fsdp", "--max-steps", "3", "--batch-size", "1", "--save-every", "3",
                         "--fsdp", "--gradient-checkpointing", "--validate-every", "3", "--calibrate")
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "trainer" / "distill.py"), *args]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "trainer" / "distill.py"), *args]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "the frozen base is sharded over 2 processes" in p.stderr, p.stderr[-3000:]

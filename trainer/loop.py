@@ -680,7 +680,8 @@ class Run:
                 # stopped while calibrating: the checkpoint holds every step
                 status, last_ckpt = "interrupted", last_ckpt or checkpoint.latest(self.run_dir)
                 if self.main:
-                    how = "stopped" if isinstance(e, calibrate.CalibrationStopped) else f"cancelled ({type(e).__name__})"
+                    how = ("stopped" if isinstance(e, calibrate.CalibrationStopped)
+                           else f"cancelled ({type(e).__name__})")
                     log.warning("%s while calibrating (%s); no LoRA written; checkpoint %s of step %d. Continue with "
                                 "--resume %s: it calibrates and writes the LoRA", how, e, last_ckpt, self.step,
                                 self.run_dir)
