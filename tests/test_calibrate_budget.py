@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import time
 import tomllib
 
 import pytest
@@ -190,25 +188,9 @@ def test_a_stop_during_calibration_is_honoured_within_seconds(train_images, tmp_
     from trainer.loop import train
 
     args = fx.tiny_args(train_images, tmp_path, "--calibrate", "--calibrate-prompts", "256", "--progress")
-    stderr = tmp_path / "stderr.txt"
-    with open(stderr, "w") as err:
-        p = subprocess.Popen([sys.executable, str(REPO / "trainer" / "distill.py"), *args], env=fx.subprocess_env(),
-                             stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and p.poll() is None and "calibrate:" not in stderr.read_text():
-            time.sleep(0.1)  # the calibration's progress bar has started
-        time.sleep(1.0)
-        assert p.poll() is None, stderr.read_text()[-3000:]
-        sent = time.monotonic()
-        p.send_signal(sig)
-        p.wait(timeout=60)
-        delay = time.monotonic() - sent
-    finally:
-        if p.poll() is None:
-            p.kill()
-    text = stderr.read_text()
-    assert p.returncode == 0, text[-3000:]
+    status, delay, text = fx.stop_while_calibrating([sys.executable, str(REPO / "trainer" / "distill.py"), *args],
+                                                    tmp_path, sig)
+    assert status == 0, text[-3000:]
     assert delay < 5.0, f"{delay:.1f} s from {sig.name} to exit"
     assert "stopped while calibrating" in text and f"--resume {tmp_path / 'run'}" in text, text[-3000:]
     assert not (tmp_path / "lora.safetensors").exists()

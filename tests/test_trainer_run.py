@@ -144,25 +144,9 @@ def test_sigterm_during_a_sharded_calibration_stops_every_process(train_images, 
     both within seconds, cleanly, with the last step's checkpoint and no LoRA."""
     args = fx.tiny_args(train_images, tmp_path, "--batch-size", "1", "--fsdp", "--calibrate",
                         "--calibrate-prompts", "256", "--progress")
-    err_path = tmp_path / "stderr.txt"
-    with open(err_path, "w") as err:
-        p = subprocess.Popen([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(REPO / "trainer" / "distill.py"), *args], env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=err, cwd=tmp_path)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and p.poll() is None and "calibrate:" not in err_path.read_text():
-            time.sleep(0.1)
-        time.sleep(1.0)
-        assert p.poll() is None, err_path.read_text()[-3000:]
-        sent = time.monotonic()
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=60)
-        delay = time.monotonic() - sent
-    finally:
-        if p.poll() is None:
-            p.kill()
-    text = err_path.read_text()
+    _, delay, text = fx.stop_while_calibrating([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                "2", str(REPO / "trainer" / "distill.py"), *args],
+                                               tmp_path, signal.SIGTERM)
     assert "stopped while calibrating" in text, text[-3000:]
     assert delay < 10.0, f"{delay:.1f} s from SIGTERM to torchrun's exit"
     assert not (tmp_path / "lora.safetensors").exists()
