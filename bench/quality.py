@@ -77,7 +77,7 @@ SWEEP_SCALES = (1.0, 1.5, 2.0, 3.0)
 TDD_GUIDANCE = 1.7     # the TDD recipe's scale (the reference's SDXL setting)
 GRID_STEPS = 4
 GRID_COLUMNS = 8
-CALIBRATION_PROMPTS = 32   # the trainer's default budget (--calibrate-prompts)
+CALIBRATION_PROMPTS = 32   # the full calibration (calibrate.FULL_PROMPTS), what the budget rule gives the full preset
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,8 @@ def output_path(stem: str, fp: str, steps: int, overwrite: bool) -> tuple[str, s
 
 
 class _Progress:
-    """The trainer's steps on ComfyUI's progress bar, with step, loss and samples/s as the node's text."""
+    """The trainer's steps on ComfyUI's progress bar, with step, loss and samples/s as the node's text;
+    then calibration's model evaluations on the same bar (:meth:`calibration`)."""
 
     def __init__(self, total: int, start: int, node_id):
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
@@ -189,6 +190,18 @@ class _Progress:
         text = f"step {row['step']}/{self.total}  loss {row['loss']:.4g}  {row['samples_per_s']:.1f} samples/s"
         if row["step"] % 10 == 0 or row["step"] == self.total:
             log.info("TDD Distill: %s", text)
+        self._text(text)
+
+    def calibration(self, run, done: int, total: int) -> None:
+        """Calibration's progress (model evaluations) on the bar; Cancel stops it at the next evaluation
+        (the checkpoint already holds every step; queueing again calibrates and writes the LoRA)."""
+        if comfy.model_management.processing_interrupted():
+            run.request_stop()
+            return
+        self.bar.update_absolute(done, total)
+        self._text(f"calibrating the sampler settings: {done:,}/{total:,} model evaluations")
+
+    def _text(self, text: str) -> None:
         server = sys.modules.get("server")
         instance = getattr(getattr(server, "PromptServer", None), "instance", None)
         if self.node_id is not None and hasattr(instance, "send_progress_text"):
@@ -352,8 +365,9 @@ class TDDDistill(TDDNode):
             if cfg.resume:
                 with open(os.path.join(run_dir, "latest")) as f:
                     start = int(f.read().strip().rsplit("-", 1)[-1])
+            progress = _Progress(cfg.max_steps, start, cls.hidden.unique_id)
             result = trainer_module("loop").train(
-                cfg, components=teacher, on_step=_Progress(cfg.max_steps, start, cls.hidden.unique_id),
+                cfg, components=teacher, on_step=progress, on_calibration=progress.calibration,
                 interrupts=(comfy.model_management.InterruptProcessingException,))
             if result["status"] != "done":
                 log.warning("TDD Distill interrupted at step %d; checkpoint %s (queue again with resume on)",

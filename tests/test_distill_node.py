@@ -182,6 +182,39 @@ def test_interrupt_leaves_a_checkpoint_and_resume_equals_an_uninterrupted_run(se
     assert read(name) == read("distill_demo_straight")
 
 
+def test_cancel_while_calibrating_keeps_the_checkpoint_and_queueing_again_calibrates(server, comfy_base):
+    """Cancel during calibration (a reference preset, which calibrates; 128 px so that it lasts a few
+    seconds): the prompt ends "interrupted" within seconds, no LoRA is written, the checkpoint holds
+    both steps; queued again, the node trains nothing and calibrates and writes the LoRA."""
+    folder = "tdd_distill_shapes_128"
+    write_images(comfy_base / "input" / folder, 4, size=128)
+    name = "distill_demo_cancel_calibration"
+    graph = distill_graph(name, images=folder, preset="sd15", steps=2, batch=2, resolution=128)
+    since = len(server.log_text())
+    new_log = lambda: server.log_text()[since:]
+    status, body = server.queue(graph)
+    assert status == 200, body
+    deadline = time.time() + 300
+    while time.time() < deadline and "calibrating (" not in new_log():
+        time.sleep(0.05)
+    assert (run_dir(comfy_base, name) / "latest").read_text().strip() == "checkpoint-000002"
+    sent = time.monotonic()
+    server._request("POST", "/interrupt", {})
+    entry = server.wait(body["prompt_id"], timeout=300, poll=0.05)
+    delay = time.monotonic() - sent
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    assert "while calibrating" in new_log(), new_log()[-3000:]
+    assert delay < 5.0, f"{delay:.1f} s from Cancel to the prompt's end"
+    print(f"Cancel during calibration: the prompt ended {delay:.2f} s after /interrupt")
+    assert not lora_path(comfy_base, name).exists()
+
+    server.run(graph, timeout=600)
+    meta = safe_open(str(lora_path(comfy_base, name)), "pt").metadata()
+    table = json.loads(meta["tdd_calibration"])
+    assert table["plan"]["level"] == "floor" and meta["tdd_training_steps"] == "2"
+    assert [r.split(",")[0] for r in (run_dir(comfy_base, name) / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: refused with a message naming the fix; nothing lost; the server keeps serving
 # ------------------------------------------------------------------------------------------------

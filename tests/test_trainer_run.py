@@ -105,6 +105,63 @@ def test_torchrun_two_gloo_processes_match_one(train_images, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_two_gloo_processes_match_one(train_images, tmp_path):
+    """--fsdp (the frozen base sharded with FSDP2's fully_shard), with gradient checkpointing as a large
+    family needs it, on 2 CPU processes (gloo), batch 1 each == 1 unsharded process with batch 2: the
+    same loss curve and weights; each process held half the base;
+    validation and calibration (whose model calls are collective when sharded) ran and rank 0 wrote them."""
+    import json
+
+    from trainer.lora_format import read_header_metadata
+
+    args = fx.tiny_args(train_images, tmp_path / "fsdp", "--max-steps", "3", "--batch-size", "1", "--save-every", "3",
+                        "--fsdp", "--gradient-checkpointing", "--validate-every", "3", "--calibrate")
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "trainer" / "distill.py"), *args]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "the frozen base is sharded over 2 processes" in p.stderr, p.stderr[-3000:]
+    single = train(cfg(train_images, tmp_path / "one", max_steps=3, batch_size=2, save_every=3, calibrate=True),
+                   components=fx.tiny_sd15(0))
+    fsdp_losses = [float(r["loss"]) for r in read_log(tmp_path / "fsdp" / "run")]
+    assert torch.allclose(torch.tensor(fsdp_losses), torch.tensor(single["losses"]), rtol=1e-3, atol=1e-6)
+    a = lora_tensors(tmp_path / "fsdp" / "run" / "checkpoint-000003" / "lora.safetensors")
+    b = lora_tensors(tmp_path / "one" / "run" / "checkpoint-000003" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    flat = fx.flat
+    assert float((flat(a) - flat(b)).norm()) <= 1e-2 * float(flat(a).norm())  # as the DDP test: Adam's float noise
+    assert (tmp_path / "fsdp" / "run" / "validation" / "step_000003.png").is_file()
+    sharded, one = (json.loads(read_header_metadata(path)["tdd_calibration"]) for path in
+                    (tmp_path / "fsdp" / "lora.safetensors", single["out"]))
+    assert (sharded["prompts"], sharded["evaluations"], sharded["best"].keys()) == (
+        one["prompts"], one["evaluations"], one["best"].keys())
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_sharded_calibration_stops_every_process(train_images, tmp_path):
+    """--fsdp: each calibration model call gathers weights from both processes, so a stop must be taken
+    at the same evaluation by both (they agree first): SIGTERM to torchrun during calibration ends
+    both within seconds, cleanly, with the last step's checkpoint and no LoRA."""
+    args = fx.tiny_args(train_images, tmp_path, "--batch-size", "1", "--fsdp", "--calibrate",
+                        "--calibrate-prompts", "256", "--progress")
+    _, delay, text = fx.stop_while_calibrating([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                "2", str(REPO / "trainer" / "distill.py"), *args],
+                                               tmp_path, signal.SIGTERM)
+    assert "stopped while calibrating" in text, text[-3000:]
+    assert delay < 10.0, f"{delay:.1f} s from SIGTERM to torchrun's exit"
+    assert not (tmp_path / "lora.safetensors").exists()
+    assert (tmp_path / "run" / "latest").read_text().strip() == "checkpoint-000002"
+
+
+def test_fsdp_without_torchrun_is_refused(train_images, tmp_path, tiny_sd15):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--fsdp shards the frozen model over several processes: run the trainer "
+                                          "under torchrun"):
+        train(cfg(train_images, tmp_path, fsdp=True), components=tiny_sd15)
+
+
+@pytest.mark.slow
 def test_torchrun_two_nodes_over_a_loopback_rendezvous_match_one_process(train_images, tmp_path):
     """Multi-node as torchrun runs it: 2 "nodes" (separate torchrun launchers, node_rank 0 and 1,
     one process each) meeting at a c10d rendezvous on 127.0.0.1 == 1 process at the same global batch.

@@ -108,6 +108,30 @@ def subprocess_env() -> dict:
     return env
 
 
+def stop_while_calibrating(cmd: list[str], cwd, sig) -> tuple[int, float, str]:
+    """Run the trainer command ``cmd`` (stderr to a file), send ``sig`` a second after its calibration
+    progress bar appears -> (exit status, seconds from the signal to the exit, stderr)."""
+    import subprocess
+    import time
+
+    err_path = Path(cwd) / "stderr.txt"
+    with open(err_path, "w") as err:
+        p = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and p.poll() is None and "calibrate:" not in err_path.read_text():
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert p.poll() is None, err_path.read_text()[-3000:]
+        sent = time.monotonic()
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        return p.returncode, time.monotonic() - sent, err_path.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def flat(sd: dict):
     """All tensors of a state dict as one fp32 vector (sorted keys)."""
     import torch

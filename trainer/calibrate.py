@@ -16,6 +16,12 @@ The sweep is a coordinate search per step count: guidance first (at the family's
 the chosen guidance; ``search="grid"`` scores every pair. Every draw is seeded: prompt ``i``'s noise
 comes from its own generator (seed, i), so the result does not depend on the batch size.
 
+Its cost is counted in model evaluations (one image through the diffusion model once), and at the
+end of a training run it is held to a fraction of the run's own (:func:`plan_for_run`, the budget
+rule): a short run gets fewer prompts, only its recommended step count, then a coarser grid. The
+sweep reports its progress and stops at the next model evaluation when asked to
+(:class:`Monitor`, :class:`CalibrationStopped`).
+
 The result (:class:`Calibration`) goes into the LoRA's ``tdd_recommended_*`` metadata and a
 ``tdd_calibration`` JSON table, which TDD LoRA Loader reads back.
 """
@@ -151,6 +157,139 @@ class Sweep:
         etas = (1.0,) if method == "lcm" else base.etas
         return Sweep(tuple(steps) if steps else base.steps, base.guidances, etas, base.search)
 
+    def coarse(self, arch: str) -> "Sweep":
+        """The budget rule's last level: fewer guidances (around the values calibration chose on the
+        demo model and the method's recipe: CFG 1.0-2.0; FLUX's embedding 1.5-2.5) and eta 0 or 0.2."""
+        guidances = (1.5, 2.0, 2.5) if arch == "flux" else (1.0, 1.3, 1.7, 2.0)
+        etas = tuple(e for e in self.etas if e in (0.0, 0.2)) or self.etas
+        return Sweep(self.steps, guidances, etas, self.search)
+
+    def only(self, steps: int) -> "Sweep":
+        return Sweep((int(steps),), self.guidances, self.etas, self.search)
+
+    def describe(self) -> str:
+        return (f"{'/'.join(map(str, self.steps))} steps x guidance {'/'.join(f'{g:g}' for g in self.guidances)} "
+                f"x eta {'/'.join(f'{e:g}' for e in self.etas)} ({self.search})")
+
+
+# ------------------------------------------------------------------------------------------------
+# the cost and the budget rule
+# ------------------------------------------------------------------------------------------------
+
+#: By default calibration costs at most this fraction of the training run, in model evaluations.
+DEFAULT_BUDGET = 0.10
+#: A training sample's cost in model evaluations: the student's forward and backward (about two
+#: forwards), the teacher's conditional and unconditional predictions, the target's prediction.
+TRAIN_EVALS_PER_SAMPLE = 6
+#: Prompts of the full calibration (the most the budget rule gives).
+FULL_PROMPTS = 32
+#: The fewest prompts a level of the budget rule is used with before the next, cheaper level.
+MIN_PROMPTS = 8
+#: The floor: the coarse level with this many prompts runs whatever the budget (a usable answer).
+FLOOR_PROMPTS = 4
+
+
+def guidance_passes(arch: str, guidance: float) -> int:
+    """Model evaluations per image and sampler step at ``guidance``: CFG against the empty prompt
+    evaluates twice (``guidance`` 1: once); FLUX's guidance embedding once."""
+    return 1 if arch == "flux" or float(guidance) == 1.0 else 2
+
+
+def evaluations_per_prompt(sweep: Sweep, arch: str, eta0: float, reference_guidance: float) -> int:
+    """The most model evaluations one prompt costs: the reference, then every setting :func:`search`
+    may score (the eta pass counted at the most expensive guidance, since which one wins is unknown)."""
+    passes = [guidance_passes(arch, g) for g in sweep.guidances]
+    if sweep.search == "grid":
+        per_step = len(sweep.etas) * sum(passes)
+    else:
+        per_step = sum(passes) + len([e for e in sweep.etas if e != eta0]) * max(passes)
+    return REFERENCE_STEPS * guidance_passes(arch, reference_guidance) + per_step * sum(sweep.steps)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a calibration will do and why: its prompts and sweep, its cost in model evaluations (an
+    upper bound), and the budget it was fitted to (``budget`` None: the user asked for it explicitly,
+    or no training run to measure against)."""
+    prompts: int
+    sweep: Sweep
+    level: str                      # "full", "recommended steps", "coarse", "floor", "explicit"
+    evaluations: int
+    reason: str
+    budget: int | None = None
+    training_evaluations: int | None = None
+    fraction: float | None = None
+
+    def describe(self) -> str:
+        return f"{self.prompts} prompts x ({self.sweep.describe()}) = {self.evaluations:,} model evaluations"
+
+    def metadata(self) -> dict:
+        return {"level": self.level, "reason": self.reason, "planned_evaluations": self.evaluations,
+                "steps": list(self.sweep.steps), "guidances": list(self.sweep.guidances),
+                "etas": list(self.sweep.etas), "budget_fraction": self.fraction, "budget_evaluations": self.budget,
+                "training_evaluations": self.training_evaluations}
+
+
+def _recommended(arch: str, method: str, kmin: int, kmax: int) -> tuple[int, float]:
+    rec = recommended_settings(method, kmin, kmax, arch)
+    return int(rec["tdd_recommended_steps"]), float(rec["tdd_recommended_eta"])
+
+
+def _with_steps(sweep: Sweep, steps: int) -> Sweep:
+    """The sweep as :func:`calibrate` runs it: the recommended step count is always among its steps."""
+    return sweep if steps in sweep.steps else Sweep(tuple(sorted({*sweep.steps, steps})), sweep.guidances,
+                                                     sweep.etas, sweep.search)
+
+
+def plan_for_run(arch: str, method: str, kmin: int, kmax: int, training_samples: int, reference_guidance: float, *,
+                 fraction: float = DEFAULT_BUDGET, prompts: int | None = None, steps: tuple[int, ...] | None = None,
+                 search: str = "coordinate") -> Plan:
+    """The budget rule. The run's training costs ``training_samples x`` :data:`TRAIN_EVALS_PER_SAMPLE`
+    model evaluations; calibration may cost ``fraction`` of that. The first of these levels that fits
+    with at least :data:`MIN_PROMPTS` prompts is used, with as many prompts as fit (at most
+    :data:`FULL_PROMPTS`):
+
+    1. **full**: the family's sweep (2, 4, 6, 8 steps);
+    2. **recommended steps**: only the method's recommended step count (4; FLUX 8);
+    3. **coarse**: that step count with :meth:`Sweep.coarse`'s guidances and etas.
+
+    When even the coarse level fits fewer than :data:`MIN_PROMPTS` prompts it runs with as many as
+    fit, never fewer than :data:`FLOOR_PROMPTS` (the **floor**: a very short run's calibration costs
+    more than its fraction, at most the floor's evaluations). ``prompts`` or ``steps`` given (the
+    user's ``--calibrate-prompts`` / ``--calibrate-steps``) switch the rule off: the full sweep at
+    those prompts (default :data:`FULL_PROMPTS`) and step counts."""
+    rec_steps, rec_eta = _recommended(arch, method, kmin, kmax)
+    family = Sweep.for_family(arch, method, steps)
+    family = _with_steps(Sweep(family.steps, family.guidances, family.etas, search), rec_steps)
+    eta0 = min(family.etas, key=lambda e: abs(e - rec_eta))
+
+    def cost(sweep: Sweep) -> int:
+        return evaluations_per_prompt(sweep, arch, eta0, reference_guidance)
+
+    if prompts is not None or steps is not None:
+        n = int(prompts or FULL_PROMPTS)
+        return Plan(n, family, "explicit", n * cost(family),
+                    "asked for explicitly (a number of prompts or step counts given): no budget")
+    train_evals = int(training_samples) * TRAIN_EVALS_PER_SAMPLE
+    budget = int(fraction * train_evals)
+    fitted = dict(budget=budget, training_evaluations=train_evals, fraction=fraction)
+    levels = [("full", family), ("recommended steps", family.only(rec_steps)),
+              ("coarse", family.only(rec_steps).coarse(arch))]
+    for level, sweep in levels:
+        n = min(FULL_PROMPTS, budget // cost(sweep))
+        if n >= MIN_PROMPTS:
+            why = (f"fits {fraction:.0%} of the training run ({train_evals:,} evaluations: budget {budget:,})"
+                   + ("" if level == "full" else f"; the levels before it fit fewer than {MIN_PROMPTS} prompts"))
+            return Plan(n, sweep, level, n * cost(sweep), why, **fitted)
+    level, sweep = levels[-1]
+    n = max(FLOOR_PROMPTS, budget // cost(sweep))
+    over = n * cost(sweep) > budget
+    why = (f"the coarse level fits {budget // cost(sweep)} prompts in {fraction:.0%} of the training run "
+           f"({train_evals:,} evaluations: budget {budget:,}); "
+           + (f"the floor of {FLOOR_PROMPTS} prompts runs anyway, over the budget" if over
+              else f"fewer than {MIN_PROMPTS} prompts"))
+    return Plan(n, sweep, "floor" if over else level, n * cost(sweep), why, **fitted)
+
 
 @dataclass
 class Calibration:
@@ -164,6 +303,8 @@ class Calibration:
     seconds: float
     reference: str
     run_seconds: float | None = None    # the training run's own time, when calibrated at its end
+    evaluations: int = 0                # model evaluations done (each image through the model once)
+    plan: Plan | None = None            # what was planned and why (the budget rule)
 
     @property
     def fraction_of_run(self) -> float | None:
@@ -173,8 +314,9 @@ class Calibration:
         """The LoRA file's header entries: the recommended values and the ``tdd_calibration`` table."""
         table = {
             "criterion": self.criterion, "prompts": self.prompts, "seed": self.seed, "reference": self.reference,
-            "seconds": round(self.seconds, 1),
+            "seconds": round(self.seconds, 1), "evaluations": self.evaluations,
             **({"fraction_of_run": round(self.fraction_of_run, 4)} if self.fraction_of_run is not None else {}),
+            **({"plan": self.plan.metadata()} if self.plan is not None else {}),
             "best": {str(k): {"guidance": s.guidance, "eta": s.eta} for k, s in sorted(self.best.items())},
             "scores": [[k[0], k[1], k[2], round(v, 6)] for k, v in sorted(self.scores.items())],
         }
@@ -192,6 +334,30 @@ class Calibration:
                 + (f" ({others})" if others else ""))
 
 
+class CalibrationStopped(Exception):
+    """A stop request (SIGTERM, Ctrl-C, a host's Cancel) honoured during calibration."""
+
+
+class Monitor:
+    """Counts calibration's model evaluations, reports them (``progress(done, total)``) and raises
+    :class:`CalibrationStopped` before the next evaluation once ``stop()`` says so: one model call is
+    the longest a stop request waits."""
+
+    def __init__(self, total: int = 0, progress: Callable[[int, int], None] | None = None,
+                 stop: Callable[[], bool] | None = None):
+        self.total, self.done = int(total), 0
+        self._progress, self._stop = progress, stop
+
+    def before(self) -> None:
+        if self._stop is not None and self._stop():
+            raise CalibrationStopped(f"stopped after {self.done:,} of {self.total:,} model evaluations")
+
+    def count(self, n: int) -> None:
+        self.done += int(n)
+        if self._progress is not None:
+            self._progress(self.done, max(self.total, self.done))
+
+
 class Calibrator:
     """Samples the student and the teacher for a fixed set of prompts and noises.
 
@@ -200,8 +366,10 @@ class Calibrator:
     """
 
     def __init__(self, teacher, lora: Callable[[bool], ContextManager], captions: list[str], resolution: int,
-                 seed: int = 0, batch: int = 16, reference_guidance: float | None = None):
+                 seed: int = 0, batch: int = 16, reference_guidance: float | None = None,
+                 monitor: Monitor | None = None):
         self.teacher, self.lora, self.seed, self.batch = teacher, lora, int(seed), max(1, int(batch))
+        self.monitor = monitor or Monitor()
         self.n = len(captions)
         ctx, pooled = teacher.encode_text(captions)
         ectx, epooled = teacher.encode_text([""])
@@ -234,10 +402,22 @@ class Calibrator:
                 x = t.start_latent(noise, sigmas[0])
                 # per-item step noise: item i's draws do not depend on the chunking
                 sampler = batch_stable_noise_sampler(x, self.seed + 1, first_index=start)
-                out.append(sample_tdd(t.guided_denoiser(cond, self.empty, guidance), x, sigmas, eta=eta,
+                out.append(sample_tdd(self._counted(t.guided_denoiser(cond, self.empty, guidance), guidance), x,
+                                      sigmas, eta=eta,
                                       disable=True, noise_sampler=sampler, space=t.space(),
                                       x0_clip_steps=x0_clip_steps).float().cpu())
         return Sample(torch.cat(out), self.teacher.decode)
+
+    def _counted(self, model, guidance: float):
+        """``model`` with every call checked for a stop request first and counted after."""
+        passes = guidance_passes(self.teacher.arch, guidance)
+
+        def counted(x, sigma, **kwargs):
+            self.monitor.before()
+            out = model(x, sigma, **kwargs)
+            self.monitor.count(x.shape[0] * passes)
+            return out
+        return counted
 
     def reference(self) -> Sample:
         """The teacher's image per prompt: LoRA off, :data:`REFERENCE_STEPS` deterministic steps."""
@@ -280,38 +460,42 @@ def search(score: Callable[[Setting], float], sweep: Sweep, eta0: float) -> tupl
 
 
 def calibrate(calibrator: Calibrator, sweep: Sweep, criterion: str, recommended_steps: int,
-              default_eta: float) -> Calibration:
+              default_eta: float, plan: Plan | None = None) -> Calibration:
     """Run the sweep and choose: the setting with the lowest mean ``criterion`` per step count; the
     recommended setting is the best one at ``recommended_steps`` (the method's step count)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown calibration criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if recommended_steps not in sweep.steps:
-        sweep = Sweep(tuple(sorted({*sweep.steps, recommended_steps})), sweep.guidances, sweep.etas, sweep.search)
+    sweep = _with_steps(sweep, recommended_steps)
     start = time.perf_counter()
     ref = calibrator.reference()
     fn = CRITERIA[criterion]
     eta0 = min(sweep.etas, key=lambda e: abs(e - default_eta))
     best, scores = search(lambda s: fn(calibrator.sample(s), ref).mean(), sweep, eta0)
     cal = Calibration(criterion, calibrator.n, calibrator.seed, best[recommended_steps], best, scores,
-                      time.perf_counter() - start, calibrator.describe_reference())
-    log.info("%s in %.0f s (%d settings)", cal.summary(), cal.seconds, len(scores))
+                      time.perf_counter() - start, calibrator.describe_reference(),
+                      evaluations=calibrator.monitor.done, plan=plan)
+    log.info("%s in %.0f s (%d settings, %s model evaluations)", cal.summary(), cal.seconds, len(scores),
+             f"{cal.evaluations:,}")
     return cal
 
 
 def calibrate_lora(teacher, lora: Callable[[bool], ContextManager], captions: list[str], resolution: int, *,
                    method: str = "tdd", kmin: int = 4, kmax: int = 8, seed: int = 0,
                    criterion: str = DEFAULT_CRITERION, reference_guidance: float | None = None,
-                   steps: tuple[int, ...] | None = None, search: str = "coordinate", batch: int = 16) -> Calibration:
+                   steps: tuple[int, ...] | None = None, search: str = "coordinate", batch: int = 16,
+                   plan: Plan | None = None, monitor: Monitor | None = None) -> Calibration:
     """Calibrate one LoRA on ``teacher`` (the trainer at the end of a run, the CLI, the quality bench):
     the family's sweep (``steps`` overrides its step counts) around the method's own settings, whose
-    step count becomes the recommended one."""
-    rec = recommended_settings(method, kmin, kmax, teacher.arch)
-    family = Sweep.for_family(teacher.arch, method, steps)
-    sweep = Sweep(family.steps, family.guidances, family.etas, search)
+    step count becomes the recommended one; or ``plan``'s sweep (:func:`plan_for_run`)."""
+    rec_steps, rec_eta = _recommended(teacher.arch, method, kmin, kmax)
+    if plan is not None:
+        sweep = plan.sweep
+    else:
+        family = Sweep.for_family(teacher.arch, method, steps)
+        sweep = Sweep(family.steps, family.guidances, family.etas, search)
     calibrator = Calibrator(teacher, lora, captions, resolution, seed=seed, batch=batch,
-                            reference_guidance=reference_guidance)
-    return calibrate(calibrator, sweep, criterion, int(rec["tdd_recommended_steps"]),
-                     float(rec["tdd_recommended_eta"]))
+                            reference_guidance=reference_guidance, monitor=monitor)
+    return calibrate(calibrator, sweep, criterion, rec_steps, rec_eta, plan)
 
 
 def held_out_captions(captions: list[str], n: int, seed: int) -> list[str]:
@@ -375,6 +559,18 @@ GENERIC_PROMPTS = (
 )
 
 
+@contextlib.contextmanager
+def _progress_bar(total: int):
+    """A tqdm bar in model evaluations -> its ``progress(done, total)`` callback."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="calibrate", unit="eval", unit_scale=True)
+    try:
+        yield lambda done, _total: bar.update(done - bar.n)
+    finally:
+        bar.close()
+
+
 def main(argv=None) -> int:
     from .models import TeacherError, load_teacher
 
@@ -397,16 +593,23 @@ def main(argv=None) -> int:
         return 2
     meta = read_tdd_metadata(lora)
     method = str(meta.get("tdd_method", "tdd")).split("-")[0]
+    method = method if method in ("tdd", "tcd", "lcm") else "tdd"
+    kmin, kmax = int(meta.get("tdd_kmin", 4)), int(meta.get("tdd_kmax", 8))
     captions = (Path(args.captions).read_text(encoding="utf-8").splitlines() if args.captions
                 else list(GENERIC_PROMPTS))
-    result = calibrate_lora(
-        teacher, lambda on: teacher.lora_file_applied(lora) if on else contextlib.nullcontext(),
-        held_out_captions([c for c in captions if c.strip()], args.prompts, args.seed),
-        args.resolution or int(meta.get("tdd_resolution", 0) or 0) or teacher.native_resolution,
-        method=method if method in ("tdd", "tcd", "lcm") else "tdd", kmin=int(meta.get("tdd_kmin", 4)),
-        kmax=int(meta.get("tdd_kmax", 8)), seed=args.seed, criterion=args.criterion,
-        reference_guidance=args.reference_guidance, steps=tuple(args.steps) if args.steps else None,
-        search=args.search, batch=args.batch)
+    reference_guidance = (teacher.default_reference_guidance() if args.reference_guidance is None
+                          else args.reference_guidance)
+    plan = plan_for_run(teacher.arch, method, kmin, kmax, 0, reference_guidance, prompts=args.prompts,
+                        steps=tuple(args.steps) if args.steps else None, search=args.search)
+    log.info("calibrating: %s", plan.describe())
+    with _progress_bar(plan.evaluations) as progress:
+        result = calibrate_lora(
+            teacher, lambda on: teacher.lora_file_applied(lora) if on else contextlib.nullcontext(),
+            held_out_captions([c for c in captions if c.strip()], plan.prompts, args.seed),
+            args.resolution or int(meta.get("tdd_resolution", 0) or 0) or teacher.native_resolution,
+            method=method, kmin=kmin, kmax=kmax, seed=args.seed, criterion=args.criterion,
+            reference_guidance=reference_guidance, batch=args.batch, plan=plan,
+            monitor=Monitor(plan.evaluations, progress))
     recalibrated_copy(lora, out, result)
     log.info("wrote %s (the original %s is unchanged)", out, lora)
     return 0

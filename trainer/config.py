@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .calibrate import CRITERIA, DEFAULT_CRITERION
+from .calibrate import CRITERIA, DEFAULT_BUDGET, DEFAULT_CRITERION
 from .flow import FLUX_DEFAULTS, FLUX_METHODS
 
 METHODS = ("tdd", "tcd", "lcm")
@@ -69,6 +69,7 @@ class TrainConfig:
     precision: str = "auto"             # autocast dtype
     base_dtype: str = "auto"            # storage dtype of the frozen base (auto: fp32, as the reference)
     gradient_checkpointing: bool = False
+    fsdp: bool = False                  # shard the frozen base over the torchrun processes (FSDP2 fully_shard)
     seed: int = 0
     # data
     resolution: int | None = None       # default: the architecture's native size
@@ -89,7 +90,9 @@ class TrainConfig:
     progress: bool = True
     # recommended sampler settings measured after the last step (trainer/calibrate.py)
     calibrate: bool = True
-    calibrate_prompts: int = 32         # the budget: prompts sampled per setting
+    calibrate_budget: float = DEFAULT_BUDGET  # calibration's cost: at most this fraction of the training run
+    calibrate_prompts: int | None = None  # prompts per setting; None: the budget rule's (set: the full sweep)
+    calibrate_steps: list[int] | None = None  # step counts swept; None: the budget rule's (set: these, no budget)
     calibrate_criterion: str = DEFAULT_CRITERION
     # not a setting: the number of processes (torchrun's WORLD_SIZE)
     world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")),
@@ -142,8 +145,14 @@ class TrainConfig:
             bad(f"--calibrate-criterion must be one of {', '.join(CRITERIA)}, got {self.calibrate_criterion!r}")
         for name in ("rank", "batch_size", "grad_accum", "max_steps", "save_every", "keep_checkpoints", "log_every",
                      "calibrate_prompts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.calibrate_budget > 0:
+            bad(f"--calibrate-budget is a fraction of the training run's cost (default {DEFAULT_BUDGET}), > 0; got "
+                f"{self.calibrate_budget}. For no calibration pass --no-calibrate")
+        if self.calibrate_steps is not None and (not self.calibrate_steps or not all(
+                isinstance(k, int) and 1 <= k <= 50 for k in self.calibrate_steps)):
+            bad(f"--calibrate-steps needs step counts from 1 to 50 (e.g. 2 4 6 8), got {self.calibrate_steps}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             bad(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.lr is not None and self.lr <= 0:
@@ -276,11 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
         "adversarial": "the adversarial variant (docs/method.md 5.2): discriminator heads on the frozen teacher",
         "adv_weight": "weight of the generator (hinge) term in the student's loss; reference 0.1",
         "adv_lr": "learning rate of the discriminator heads (AdamW betas 0/0.999, weight decay 1e-3); reference 1e-5",
+        "fsdp": "under torchrun: shard the frozen base model over the processes (FSDP2), so each process holds 1/N "
+                "of its weights and gathers one block at a time: for a model that does not fit one GPU "
+                "(docs/trainer.md, 'A model that does not fit one GPU'). The same result as without",
         "validate_every": "write a 4- and 8-step validation grid every N steps (0: never)",
         "validation_prompts": "validation prompt (repeat the flag for several; default: first dataset captions)",
         "calibrate": "after the last step, measure the sampler settings (steps, eta, guidance) that suit the new "
                      "LoRA and write them into its metadata (--no-calibrate: the family's defaults)",
-        "calibrate_prompts": "calibration budget: prompts (the data's captions, fresh noises) per setting; default 32",
+        "calibrate_budget": "calibration costs at most this fraction of the training run's model evaluations "
+                            f"(default {DEFAULT_BUDGET}): a short run calibrates with fewer prompts, only the "
+                            "recommended step count, then a coarser grid; at least 4 prompts (docs/trainer.md)",
+        "calibrate_prompts": "calibrate with this many prompts (the data's captions, fresh noises) and the full sweep, "
+                             "whatever the budget (default: the budget rule's, at most 32)",
+        "calibrate_steps": "calibrate these step counts (e.g. 2 4 6 8) with the full sweep, whatever the budget",
         "calibrate_criterion": "distance to the teacher's 25-step image that calibration minimises (see "
                                "docs/trainer.md)",
     }
@@ -292,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, "--validation-prompt", dest=name, action="append", help=h)
         elif name == "clip":
             p.add_argument(flag, dest=name, action="append", help=h)
+        elif name == "calibrate_steps":
+            p.add_argument(flag, dest=name, type=int, nargs="+", metavar="STEPS", help=h)
         elif name == "flux_guidance_range":
             p.add_argument(flag, dest=name, type=float, nargs=2, metavar=("LO", "HI"), help=h)
         else:

@@ -1,5 +1,6 @@
 """The training loop: optimiser and LR schedule, mixed precision, gradient accumulation, data
-parallelism (torchrun: NCCL on GPU, gloo on CPU), logging, validation, checkpoints, SIGTERM.
+parallelism (torchrun: NCCL on GPU, gloo on CPU), a sharded frozen base (``--fsdp``), logging,
+validation, checkpoints, SIGTERM.
 
 Data parallelism: every process computes the same global batch (a function of the step) and takes
 its own slice; each sample's random draws depend only on its global index
@@ -113,6 +114,24 @@ def resolve_precision(cfg: TrainConfig, device: torch.device, bf16_supported: bo
     return compute, base
 
 
+def shard_frozen_base(teacher) -> tuple[int, int]:
+    """``--fsdp``: FSDP2's ``fully_shard`` on the frozen base, so each process stores 1/N of its weights
+    and gathers one block's at a time (forward, and backward for the gradients that flow through it).
+    The units are the family's blocks (:meth:`trainer.models.Teacher.checkpoint_blocks`, those gradient
+    checkpointing wraps), the diffusion model is the root. The LoRA stays outside (its hooks run inside
+    the gathered block) and its gradients are averaged as without. -> (parameters, parameters per process)."""
+    from torch.distributed.fsdp import fully_shard
+
+    root = teacher.model.diffusion_model
+    total = sum(p.numel() for p in root.parameters())
+    for block in teacher.checkpoint_blocks():
+        if next(block.parameters(), None) is not None:
+            fully_shard(block)
+    fully_shard(root)
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in root.parameters())
+    return total, local
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT; the loop saves a checkpoint and returns at the next step boundary."""
 
@@ -128,7 +147,8 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("received %s: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
+        log.warning("received %s: saving a checkpoint and stopping after this step (during calibration: at "
+                    "the next model evaluation)", signal.Signals(signum).name)
         self.set = True
 
     def restore(self):
@@ -191,6 +211,11 @@ class _Log:
                 self.tb.close()
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def _logged_step(row: dict) -> int:
     """A log.csv row's step, or 0 for a row a kill cut short (never kept)."""
     try:
@@ -210,11 +235,14 @@ def _as_teacher(components, cfg, dtype, device) -> models.Teacher:
     return models.from_components(*components[:3])
 
 
-def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = ()) -> dict:
+def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (), on_calibration=None) -> dict:
     """Run (or resume) a distillation. ``components``: a :class:`trainer.models.Teacher` or a
     ``(model, clip, vae)`` triple to use instead of loading ``cfg.teacher``. ``on_step(run, row)``
     is called after every optimizer step with the log row (progress for a host such as ComfyUI);
     it may call ``run.request_stop()``: the run then checkpoints and returns "interrupted" as on SIGTERM.
+    ``on_calibration(run, done, total)``: calibration's progress in model evaluations (it may call
+    ``run.request_stop()`` too: calibration stops at the next evaluation, the LoRA is not written, and
+    a resume calibrates and writes it).
     ``interrupts``: exception types a host raises inside the model to cancel at once (ComfyUI checks
     its Cancel flag in every layer): the step in progress is dropped and the last completed one is
     checkpointed, so a resume continues exactly.
@@ -231,7 +259,7 @@ def train(cfg: TrainConfig, components=None, on_step=None, interrupts: tuple = (
     cfg.resolve_accumulation()
     try:
         run = Run(cfg, components, ddp)
-        run.on_step, run.interrupts = on_step, tuple(interrupts)
+        run.on_step, run.on_calibration, run.interrupts = on_step, on_calibration, tuple(interrupts)
         try:
             run.resume()
             return run.run()
@@ -294,6 +322,7 @@ class Run:
         self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint,
                                              (self.precision, self.base_dtype))
         self.fp = fingerprint(self.fields)
+        self.sharded = self._shard() if cfg.fsdp else False
         self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
         self.dsched = teacher.schedule(cfg)  # the family's noise levels and teacher step
         self.step_cfg = StepConfig(cfg.method, cfg.teacher_guidance, cfg.loss, cfg.huber_c)
@@ -302,7 +331,18 @@ class Run:
                          else torch.autocast(self.device.type, enabled=False))
         self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
         self.stop, self.logger, self.bar = _StopFlag(), None, None
-        self.on_step, self.interrupts = None, ()
+        self.on_step, self.on_calibration, self.interrupts = None, None, ()
+
+    def _shard(self) -> bool:
+        """``--fsdp``: shard the frozen base (after the teacher's fingerprint, which reads its weights)."""
+        if not self.ddp.enabled:
+            raise ConfigError("--fsdp shards the frozen model over several processes: run the trainer under "
+                              "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+        total, local = shard_frozen_base(self.teacher)
+        if self.main:
+            log.info("--fsdp: the frozen base is sharded over %d processes: %.1f M of its %.1f M parameters in "
+                     "each", self.ddp.world, local / 1e6, total / 1e6)
+        return True
 
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
@@ -502,29 +542,78 @@ class Run:
             self.val_conds = [teacher.make_cond(ctx[i:i + 1], None if pooled is None else pooled[i:i + 1], res, res)
                               for i in range(len(prompts))]
         write_grid(teacher, self.val_conds, self.latent_shape,
-                   self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed)
+                   self.run_dir / "validation" / f"step_{self.step:06d}.png", seed=cfg.validation_seed,
+                   write=self.main)
 
     # ---- finish ------------------------------------------------------------------------------
-    def calibration(self) -> calibrate.Calibration | None:
+    def reference_guidance(self) -> float:
+        """The guidance of calibration's teacher reference: CFG 1 + --teacher-guidance; FLUX its embedding's."""
+        teacher = self.teacher
+        return teacher.default_reference_guidance() if teacher.arch == "flux" else 1.0 + self.cfg.teacher_guidance
+
+    def calibration_plan(self) -> calibrate.Plan:
+        """What calibration will cost: the budget rule (:func:`trainer.calibrate.plan_for_run`) on the whole
+        run's training samples (steps x global batch, so a resumed run plans as an uninterrupted one)."""
+        cfg = self.cfg
+        return calibrate.plan_for_run(
+            self.teacher.arch, cfg.method, cfg.kmin, cfg.kmax, cfg.max_steps * cfg.global_batch,
+            self.reference_guidance(), fraction=cfg.calibrate_budget, prompts=cfg.calibrate_prompts,
+            steps=tuple(cfg.calibrate_steps) if cfg.calibrate_steps else None)
+
+    def _announce(self, plan: calibrate.Plan, seconds_per_step: float | None) -> None:
+        """The cost line, before calibration starts: evaluations, why, and a time at this run's speed."""
+        cfg = self.cfg
+        per_eval = (seconds_per_step / (cfg.batch_size * cfg.grad_accum * calibrate.TRAIN_EVALS_PER_SAMPLE)
+                    if seconds_per_step else None)
+        when = (f"about {_duration(plan.evaluations * per_eval)} at this run's training speed "
+                f"({_duration(seconds_per_step)} per step)" if per_eval else
+                "no training step was timed in this process, so no time estimate (the progress bar shows the rate)")
+        log.info("calibrating (%s): %s, %s; %s. Stop with Ctrl-C/SIGTERM: the checkpoint is kept and --resume %s "
+                 "calibrates again", plan.level, plan.describe(), plan.reason, when, self.run_dir)
+
+    def calibration(self, seconds_per_step: float | None = None) -> calibrate.Calibration | None:
         """The recommended sampler settings of the trained LoRA, measured (trainer/calibrate.py): the
-        data's captions with fresh noises, the student (LoRA on) against the teacher (LoRA off)."""
+        data's captions with fresh noises, the student (LoRA on) against the teacher (LoRA off), at
+        the cost the budget rule allows. A stop request (:meth:`request_stop`, SIGTERM) raises
+        :class:`trainer.calibrate.CalibrationStopped` at the next model evaluation."""
+        from tqdm.auto import tqdm
         cfg, teacher = self.cfg, self.teacher
         if not cfg.calibrate:
             return None
-        captions = calibrate.held_out_captions([it.caption for it in self.items], cfg.calibrate_prompts, cfg.seed)
-        with self.autocast:
-            return calibrate.calibrate_lora(
-                teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
-                self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
-                criterion=cfg.calibrate_criterion,
-                reference_guidance=None if teacher.arch == "flux" else 1.0 + cfg.teacher_guidance)
+        plan = self.calibration_plan()
+        if self.main:
+            self._announce(plan, seconds_per_step)
+        captions = calibrate.held_out_captions([it.caption for it in self.items], plan.prompts, cfg.seed)
+        bar = tqdm(total=plan.evaluations, disable=not (cfg.progress and self.main), desc="calibrate", unit="eval",
+                   unit_scale=True)
 
-    def finish(self, run_seconds: float | None = None) -> None:
-        """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
-        if not self.main:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+            if self.on_calibration is not None:
+                self.on_calibration(self, done, total)
+
+        # sharded: every process must stop at the same evaluation (each is collective), so they agree first
+        stop = (lambda: self.ddp.any(self.stop.set)) if self.sharded else (lambda: self.stop.set)
+        monitor = calibrate.Monitor(plan.evaluations, progress, stop)
+        try:
+            with self.autocast:
+                return calibrate.calibrate_lora(
+                    teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
+                    self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
+                    criterion=cfg.calibrate_criterion, reference_guidance=self.reference_guidance(), plan=plan,
+                    monitor=monitor)
+        finally:
+            bar.close()
+
+    def finish(self, run_seconds: float | None = None, seconds_per_step: float | None = None) -> None:
+        """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process
+        (with a sharded base every process calibrates alike, since each model call is collective)."""
+        if not (self.main or self.sharded):
             return
         cfg, teacher = self.cfg, self.teacher
-        cal = self.calibration()
+        cal = self.calibration(seconds_per_step)
+        if not self.main:
+            return
         extra = {}
         if cal is not None:
             cal.run_seconds = run_seconds
@@ -550,7 +639,7 @@ class Run:
         self.logger = _Log(self.run_dir, self.main, self.step)
         self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress), desc="tdd",
                         unit="step")
-        t_start = time.perf_counter()
+        t_start, first_step = time.perf_counter(), self.step
         status, last_ckpt = "done", None
         while self.step < cfg.max_steps:
             rng_at_start = checkpoint.rng_state() if self.interrupts else None
@@ -573,8 +662,8 @@ class Run:
             stopping = self.ddp.any(self.stop.set)
             if stopping or self.step % cfg.save_every == 0:
                 last_ckpt = self.save_checkpoint()
-            if self.main and cfg.validate_every and self.step % cfg.validate_every == 0:
-                self.validate()
+            if (self.main or self.sharded) and cfg.validate_every and self.step % cfg.validate_every == 0:
+                self.validate()  # (sharded: every process samples, its forwards are collective; rank 0 writes)
             if stopping:
                 status = "interrupted"
                 if self.main:
@@ -584,12 +673,18 @@ class Run:
         else:
             if self.step % cfg.save_every != 0:
                 last_ckpt = self.save_checkpoint()
+            seconds = time.perf_counter() - t_start
             try:
-                self.finish(time.perf_counter() - t_start)
-            except self.interrupts as e:  # cancelled while calibrating: the checkpoint holds every step
-                status = "interrupted"
-                log.warning("cancelled (%s) while calibrating; no LoRA written. Resume (%s) to calibrate and write "
-                            "it", type(e).__name__, self.run_dir)
+                self.finish(seconds, seconds / (self.step - first_step) if self.step > first_step else None)
+            except (calibrate.CalibrationStopped, *self.interrupts) as e:
+                # stopped while calibrating: the checkpoint holds every step
+                status, last_ckpt = "interrupted", last_ckpt or checkpoint.latest(self.run_dir)
+                if self.main:
+                    how = ("stopped" if isinstance(e, calibrate.CalibrationStopped)
+                           else f"cancelled ({type(e).__name__})")
+                    log.warning("%s while calibrating (%s); no LoRA written; checkpoint %s of step %d. Continue with "
+                                "--resume %s: it calibrates and writes the LoRA", how, e, last_ckpt, self.step,
+                                self.run_dir)
         return {"status": status, "step": self.step, "out": str(self.out_path) if status == "done" else None,
                 "checkpoint": str(last_ckpt) if last_ckpt else None, "losses": self.losses,
                 "skipped_images": self.data.skipped, "run_dir": str(self.run_dir)}

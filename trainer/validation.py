@@ -28,8 +28,10 @@ def sample_images(teacher, cond, shape, steps: int, seed: int, eta: float = 0.2)
     return teacher.decode(x0)
 
 
-def write_grid(teacher, conds: list, latent_shape, path, seed: int = 0, steps=(4, 8), eta: float = 0.2) -> Path:
-    """PNG grid: one row per step count, one column per prompt (same seed per column)."""
+def write_grid(teacher, conds: list, latent_shape, path, seed: int = 0, steps=(4, 8), eta: float = 0.2,
+               write: bool = True) -> Path:
+    """PNG grid: one row per step count, one column per prompt (same seed per column). ``write`` False:
+    sample only (a sharded base's other processes, whose model calls rank 0's need)."""
     from PIL import Image
 
     rows = []
@@ -37,8 +39,10 @@ def write_grid(teacher, conds: list, latent_shape, path, seed: int = 0, steps=(4
         row = [sample_images(teacher, c, (1, *latent_shape), k, seed + j, eta)[0] for j, c in enumerate(conds)]
         rows.append(torch.cat(row, dim=1))
     grid = torch.cat(rows, dim=0)
-    img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
     path = Path(path)
+    if not write:
+        return path
+    img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     log.info("validation grid (%s steps) -> %s", "/".join(map(str, steps)), path)
