@@ -142,7 +142,7 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
 def run_fingerprint(cfg, teacher, items) -> str:
     """The trainer's fingerprint of this run (what ``tdd_run_fingerprint`` in a finished file holds)."""
     config, data, loop = trainer_module("config"), trainer_module("data"), trainer_module("loop")
-    probe = dataclasses.replace(cfg).apply_family_defaults(teacher.arch)
+    probe = dataclasses.replace(cfg).apply_family_defaults(teacher.arch, teacher.row.defaults, teacher.flow)
     precision = loop.resolve_precision(cfg, loop.pick_device(cfg.device))
     return config.fingerprint(probe.fingerprint_fields(data.dataset_id(items), teacher.fingerprint, precision))
 

@@ -200,15 +200,17 @@ class TrainConfig:
             self.grad_accum = self.accumulate_to // per_step
         return self
 
-    def apply_family_defaults(self, arch: str) -> "TrainConfig":
+    def apply_family_defaults(self, arch: str, defaults: str | None = None, flow: bool | None = None) -> "TrainConfig":
         """Fill the settings left unset (None) with the teacher family's defaults; refuse what the family
-        can't do. Called once the teacher is loaded, before the run's fingerprint."""
-        family = "flux" if arch == "flux" else "sd"
+        can't do. Called once the teacher is loaded, before the run's fingerprint. ``defaults``: "sd" or
+        "flux" (default: by ``arch``); ``flow``: a flow-matching family (default: FLUX.1)."""
+        family = defaults or ("flux" if arch == "flux" else "sd")
+        flow = (arch == "flux") if flow is None else flow
         for name, value in FAMILY_DEFAULTS[family].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if family == "flux" and self.method not in FLUX_METHODS:
-            raise ConfigError(f"--method {self.method} is not supported for flow-matching (FLUX) teachers: its "
+        if flow and self.method not in FLUX_METHODS:
+            raise ConfigError(f"--method {self.method} is not supported for flow-matching teachers ({arch}): its "
                               "boundary conditions belong to the discrete DDPM schedule; use --method tdd (default) "
                               "or tcd")
         return self

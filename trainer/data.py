@@ -230,6 +230,14 @@ def global_order(seed: int, counter: int, n: int) -> int:
     return int(torch.randperm(n, generator=gen)[pos])
 
 
+def same_length(*contexts: torch.Tensor) -> list[torch.Tensor]:
+    """Text states [B, L, D] padded with zeros to the longest L, so captions of text encoders whose
+    output length varies (LLM encoders; CLIP always gives 77) batch together."""
+    longest = max(c.shape[1] for c in contexts)
+    return [c if c.shape[1] == longest else torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1]))
+            for c in contexts]
+
+
 class TrainData:
     """Items + encoding (VAE/CLIP through the teacher) + optional cache; yields x0 latents and text states."""
 
@@ -348,7 +356,7 @@ class TrainData:
             geometry.append((oh, ow, top * f, left * f))
         x0 = self.teacher.latent_in(torch.stack(latents))
         pooled = torch.stack([recs[i]["pooled"] for i in indices]) if "pooled" in recs[indices[0]] else None
-        return x0, torch.stack([recs[i]["context"] for i in indices]), pooled, geometry
+        return x0, torch.cat(same_length(*[recs[i]["context"][None] for i in indices])), pooled, geometry
 
     def precompute(self, rank: int = 0, world: int = 1, batch: int = 8) -> None:
         """Fill the cache (each process a strided share); undecodable images are found and counted here."""

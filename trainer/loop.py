@@ -259,7 +259,8 @@ class Run:
         self.items, self.bad_files = data.scan(cfg.data, strict=cfg.strict_data, workers=max(1, cfg.num_workers))
         self._refuse_foreign_out()
         self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
-        cfg.apply_family_defaults(teacher.arch)  # unset loss/lr/... take the family's defaults (FLUX: §5.1)
+        # unset loss/lr/... take the family's defaults (FLUX: §5.1)
+        cfg.apply_family_defaults(teacher.arch, teacher.row.defaults, teacher.flow)
         warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
         if warning and self.main:
             log.warning("%s", warning)
@@ -394,6 +395,7 @@ class Run:
         draws = draw_batch(self.sampler, cfg.seed, gidx, self.latent_shape, cfg.empty_prompt_prob)
         res, n = self.resolution, len(gidx)
         ctx_e, pooled_e = (None if v is None else v.expand(n, *v.shape[1:]) for v in self.empty_text)
+        ctx, ctx_e = data.same_length(ctx, ctx_e)  # text encoders of variable length (not CLIP's 77)
         cond = self.teacher.make_cond(ctx, pooled, res, res, geometry).where(
             draws.empty, self.teacher.make_cond(ctx_e, pooled_e, res, res, geometry))
         uncond = self.teacher.uncond(ctx_e, pooled_e, res, res, geometry)
@@ -517,7 +519,7 @@ class Run:
                 teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
                 self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
                 criterion=cfg.calibrate_criterion,
-                reference_guidance=None if teacher.arch == "flux" else 1.0 + cfg.teacher_guidance)
+                reference_guidance=None if teacher.embedded_guidance else 1.0 + cfg.teacher_guidance)
 
     def finish(self, run_seconds: float | None = None) -> None:
         """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process."""
@@ -555,7 +557,8 @@ class Run:
         while self.step < cfg.max_steps:
             rng_at_start = checkpoint.rng_state() if self.interrupts else None
             try:
-                row = self.train_step()
+                with self.teacher.training():  # the host's training mode (differentiable kernels)
+                    row = self.train_step()
             except self.interrupts as e:  # the host cancelled mid-step: keep the last completed step
                 for o in (self.opt, self.disc_opt):
                     if o is not None:
