@@ -21,7 +21,8 @@ from trainer.flow import FLUX_DEFAULTS, FlowSchedule, flow_sigmas
 from trainer.lora import LoRANetwork
 from trainer.lora_format import read_header_metadata, read_tdd_metadata
 from trainer.loop import train
-from trainer.models import FluxTeacher, Teacher, TeacherError, flux_lora_targets, from_components, load_teacher
+from trainer.families.targets import peft_file_keys
+from trainer.models import Teacher, TeacherError, flux_lora_targets, from_components, load_teacher
 
 pytestmark = pytest.mark.usefixtures("trainer_host")
 tensors = fx.lora_tensors
@@ -94,9 +95,7 @@ def test_flux_dev_module_set_and_every_key_maps():
     kinds = sorted({p.split(".", 2)[-1] if "blocks" in p else p for p in paths.values()})
     assert kinds == ["attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v", "ff.net.0.proj", "ff.net.2", "proj_out"]
     network = LoRANetwork(targets, rank=2, alpha=1)
-    teacher = object.__new__(FluxTeacher)  # only its file naming is used here
-    teacher._lora_paths = paths
-    keys = teacher.lora_file_keys(network.kohya_state_dict())
+    keys = peft_file_keys(network.kohya_state_dict(), paths)  # the FLUX row's file naming
     assert len(keys) == 3 * 267 and all(k.startswith("transformer.") for k in keys)
     assert {".".join(k.split(".")[-2:]) if k.endswith("weight") else "alpha" for k in keys} == \
         {"lora_A.weight", "lora_B.weight", "alpha"}
@@ -348,7 +347,7 @@ def test_file_forms_load_as_the_same_model(flux, flux_files):
         parts = load_teacher(None, dtype=torch.float32, device="cpu", unet=str(flux_files["unet"]),
                              clip=[str(flux_files["clip_l"]), str(flux_files["t5xxl"])], vae=str(flux_files["vae"]))
     for t, tol in ((allin, 1e-4), (parts, 5e-2)):                      # the bf16 diffusion-model file rounds
-        assert t.arch == "flux" and type(t).__name__ == "FluxTeacher"
+        assert t.arch == "flux" and t.row.lora == "flux-peft" and t.embedded_guidance
         assert t.text_tokens == 256                                    # the host pads FLUX prompts to 256 T5 tokens
         _reduced_prompt_length(t)
         c, p = t.encode_text(["a red square"])                         # the host loads text encoders in fp16

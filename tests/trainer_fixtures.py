@@ -160,7 +160,7 @@ def meta_flux():
     unet_config = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
                    "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
                    "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
-                   "guidance_embed": True}
+                   "guidance_embed": True, "txt_ids_dims": []}
     config = comfy.supported_models.Flux(unet_config)
     config.set_inference_dtype(torch.float32, None)
     return config.get_model({}, "model.", device=torch.device("meta"))

@@ -210,7 +210,7 @@ class TrainConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if flow and self.method not in FLUX_METHODS:
-            raise ConfigError(f"--method {self.method} is not supported for flow-matching teachers ({arch}): its "
+            raise ConfigError(f"--method {self.method} is not supported for flow-matching ({arch.upper()}) teachers: its "
                               "boundary conditions belong to the discrete DDPM schedule; use --method tdd (default) "
                               "or tcd")
         return self

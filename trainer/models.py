@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .families import Teacher, TeacherError, model_fingerprint  # noqa: F401  (the seam's public names)
+from .families.table import FLUX_FILES_HINT
 from .families.targets import kohya_unet_targets as lora_targets  # noqa: F401
 from .families.targets import flux_peft_targets as flux_lora_targets  # noqa: F401
 from .fileio import load_module
@@ -55,11 +56,6 @@ def ensure_host(device: str | None = None) -> None:
             comfy.cli_args.args.cpu = True
         elif device and device.startswith("cuda") and ":" in device:
             torch.cuda.set_device(torch.device(device))
-
-
-FLUX_FILES_HINT = ("pass the diffusion model as --unet with its text encoders and VAE: --unet flux1-dev.safetensors "
-                   "--clip clip_l.safetensors --clip t5xxl_fp16.safetensors --vae ae.safetensors "
-                   "(or an all-in-one FLUX checkpoint as --teacher)")
 
 
 def _safetensors_header(path):

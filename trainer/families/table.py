@@ -14,6 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+FLUX_FILES_HINT = ("pass the diffusion model as --unet with its text encoders and VAE: --unet flux1-dev.safetensors "
+                   "--clip clip_l.safetensors --clip t5xxl_fp16.safetensors --vae ae.safetensors "
+                   "(or an all-in-one FLUX checkpoint as --teacher)")
+
+
 @dataclass(frozen=True)
 class Row:
     """What the host can't say about one family. ``configs``: the ``comfy.supported_models`` class names
@@ -39,6 +44,10 @@ class Row:
     inplace_residuals: bool = True
     #: Trainer defaults: "sd" (docs/method.md §5) or "flux" (§5.1's recipe).
     defaults: str = "sd"
+    #: The host text-encoder class the recipe needs (``clip.cond_stage_model``), when only one will do.
+    text_encoder: str | None = None
+    #: How to give the family's missing parts (text encoders, VAE), for the error message.
+    files_hint: str | None = None
 
 
 ROWS = (
@@ -53,7 +62,8 @@ ROWS = (
         native_resolution=1024, inplace_residuals=False),
     Row("flux", ("Flux",), "FLUX.1-dev's released TDD recipe (§5.1): PEFT key names over its module set, the "
         "unshifted grid where the host's model_sampling shifts by resolution, T5 cut to the tokenizer's 256",
-        lora="flux-peft", schedule="flux-unshifted", text_tokens=256, native_resolution=1024, defaults="flux"),
+        lora="flux-peft", schedule="flux-unshifted", text_tokens=256, native_resolution=1024, defaults="flux",
+        text_encoder="FluxClipModel", files_hint=FLUX_FILES_HINT),
 )
 
 #: Families the trainer refuses by name, and why (the host's API would let them through but the
@@ -66,6 +76,8 @@ REFUSED = {
     "StableCascade_C": "Stable Cascade samples in two stages (prior and decoder); distil each stage is not supported",
     "StableCascade_B": "Stable Cascade samples in two stages (prior and decoder); distil each stage is not supported",
     "StableAudio": "audio models are not image/video families",
+    "SDXLRefiner": "the SDXL refiner only refines an SDXL image (img2img); distil a text-to-image model: SD1.5, SD2.x, "
+                   "SDXL or a transformer family",
 }
 
 #: Host parameterisations the trainer can distil (``model_sampling`` classes mixed into the sampling class).

@@ -67,7 +67,7 @@ def family_problem(model) -> str | None:
     names = [c.__name__ for c in type(model).__mro__] + [config_name]
     for name in names:
         if name in REFUSED:
-            return f"{config_name} ({base_name}) is not supported: {REFUSED[name]}"
+            return f"unsupported teacher architecture {config_name} ({base_name}): {REFUSED[name]}"
     pred = prediction_of(model)
     if pred is None:
         return (f"{config_name} ({base_name}) is not supported: its sampling ({type(model.model_sampling).__name__}) "
@@ -106,10 +106,7 @@ class Teacher:
         config_name = type(model.model_config).__name__
         self.row: Row = row_for(config_name) or Row(family_name(config_name), (config_name,), "generic route")
         self.arch = self.row.family
-        missing = [what for what, obj in (("text encoder", clip), ("VAE", vae)) if obj is None]
-        if missing:
-            raise TeacherError(f"{name} has no {' and no '.join(missing)}: give the model with its "
-                               f"{' and '.join(missing)} (a full checkpoint, or the loaders' outputs)")
+        self._check_parts(clip, vae)
         self.unet = model.diffusion_model
         self.latent_dims = int(getattr(model.latent_format, "latent_dimensions", 2))
         self.prediction = prediction_of(model)
@@ -129,6 +126,21 @@ class Teacher:
         self._freeze()
         if self.row.inplace_residuals:
             tg.trainable_blocks(self.checkpoint_blocks())
+
+    def _check_parts(self, clip, vae) -> None:
+        """A text encoder and a VAE are needed (captions and images are encoded here), of the kind the
+        row names where only one will do."""
+        row, name = self.row, self.name
+        kind = "FLUX diffusion model" if row.family == "flux" else f"{row.family} model"
+        missing = [what for what, obj in (("text encoders" if row.text_encoder else "text encoder", clip),
+                                          ("VAE", vae)) if obj is None]
+        if missing:
+            hint = row.files_hint or "give the model with them (a full checkpoint, or the loaders' outputs)"
+            raise TeacherError(f"{name} is a {kind} without its {' and '.join(missing)}: {hint}")
+        te = type(getattr(clip, "cond_stage_model", None))
+        if row.text_encoder and row.text_encoder not in [c.__name__ for c in te.__mro__]:
+            te = te.__name__
+            raise TeacherError(f"{name}: the text encoder is {te}, not FLUX's CLIP-L + T5-XXL pair; {row.files_hint}")
 
     def _sigmas(self) -> torch.Tensor:
         if self.row.schedule == "flux-unshifted":
@@ -236,7 +248,8 @@ class Teacher:
         """x0 prediction for latents ``z`` at integer timesteps ``t`` (the host converts from eps/v/flow
         outputs; ``z`` is the VP latent for eps/v/EDM families, the flow state for flow families)."""
         sigma = self.sigmas[t.long().cpu()].to(z.device)
-        return self.model.apply_model(self._host_input(z, sigma), sigma, **self._kwargs(cond, z.shape[0]))
+        with host_training() if torch.is_grad_enabled() else contextlib.nullcontext():
+            return self.model.apply_model(self._host_input(z, sigma), sigma, **self._kwargs(cond, z.shape[0]))
 
     def _kwargs(self, cond: Cond, n: int) -> dict:
         kwargs = cond.model_kwargs()
