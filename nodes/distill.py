@@ -228,7 +228,8 @@ class TDDDistill(TDDNode):
             display_name="TDD Distill",
             category="training",
             is_output_node=True,  # it writes models/loras/<lora_name>.safetensors
-            description="Distil a Target-Driven Distillation LoRA from the loaded model (SD1.5/SD2.x/SDXL or FLUX) "
+            description="Distil a Target-Driven Distillation LoRA from the loaded model (any family ComfyUI runs: SD1.5/"
+                        "SD2.x/SDXL, FLUX.1/FLUX.2, SD3, Qwen-Image, Lumina 2, Chroma, Wan, HunyuanVideo, ... docs/families.md) "
                         "on a folder of captioned images, with the pack's trainer. Writes models/loras/<lora_name>"
                         ".safetensors; Cancel stops with a checkpoint that resume continues.",
             inputs=[
@@ -310,6 +311,9 @@ class TDDDistill(TDDNode):
         if problem:
             raise ValueError(f"TDD Distill: {problem}")
         data, models = trainer_module("data"), trainer_module("models")
+        family_problem = trainer_module("families").family_problem(model.model)  # classes only: before any work
+        if family_problem:
+            raise ValueError(f"TDD Distill: {family_problem}")
         if images == BATCH_CHOICE:
             if image_batch is None:
                 raise ValueError(f"TDD Distill: images is {BATCH_CHOICE} but nothing is wired into image_batch; "

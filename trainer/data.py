@@ -349,8 +349,8 @@ class TrainData:
             rec = recs[i]
             gen = sample_generator(self.seed, g, "data")
             top, left = crop_offsets(tuple(rec["mean"].shape[-2:]), size, None if self.center_crop else gen)
-            mean = rec["mean"][:, top:top + size, left:left + size]
-            std = torch.exp(0.5 * rec["logvar"][:, top:top + size, left:left + size])
+            mean = rec["mean"][..., top:top + size, left:left + size]   # [C, (T,) h, w]
+            std = torch.exp(0.5 * rec["logvar"][..., top:top + size, left:left + size])
             latents.append(mean + std * torch.randn(mean.shape, generator=gen))
             oh, ow = (int(v) for v in rec["size"])
             geometry.append((oh, ow, top * f, left * f))

@@ -82,6 +82,14 @@ REFUSED = {
 
 #: Host parameterisations the trainer can distil (``model_sampling`` classes mixed into the sampling class).
 PREDICTIONS = {"EPS": "eps", "V_PREDICTION": "v", "EDM": "edm", "CONST": "flow"}
+#: Parameterisations it refuses, and why (the first of either found in the class's MRO decides).
+UNSUPPORTED_PREDICTIONS = {
+    "X0": "x0 prediction (an LCM-distilled or x0 model) is already a few-step model",
+    "IMG_TO_IMG": "image-to-image sampling needs an input image, not a prompt",
+    "IMG_TO_IMG_FLOW": "image-to-image sampling needs an input image, not a prompt",
+    "COSMOS_RFLOW": "Cosmos' rectified-flow parameterisation is not on a noise-level table the trainer reads",
+    "V_PREDICTION_DDPM": "this v-prediction variant is not on the host's variance-exploding noise table",
+}
 
 
 def row_for(config_name: str) -> Row | None:

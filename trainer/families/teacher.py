@@ -26,7 +26,7 @@ import torch
 from ..algorithm import Cond, DiscreteSchedule
 from ..flow import FLUX_GUIDANCE, FlowSchedule, flow_sigmas
 from . import targets as tg
-from .table import PREDICTIONS, REFUSED, Row, family_name, row_for
+from .table import PREDICTIONS, REFUSED, UNSUPPORTED_PREDICTIONS, Row, family_name, row_for
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,17 @@ def model_fingerprint(module: torch.nn.Module, samples: int = 32) -> str:
     return h.hexdigest()[:16]
 
 
+def _parameterisation(model) -> str | None:
+    """The host's parameterisation class name of ``model_sampling`` (the first known one in its MRO)."""
+    for cls in type(model.model_sampling).__mro__:
+        if cls.__name__ in PREDICTIONS or cls.__name__ in UNSUPPORTED_PREDICTIONS:
+            return cls.__name__
+    return None
+
+
 def prediction_of(model) -> str | None:
     """"eps" | "v" | "edm" | "flow" from the host's ``model_sampling`` class, or None (not distillable)."""
-    for cls in type(model.model_sampling).__mro__:
-        if cls.__name__ in PREDICTIONS:
-            return PREDICTIONS[cls.__name__]
-    return None
+    return PREDICTIONS.get(_parameterisation(model))
 
 
 def family_problem(model) -> str | None:
@@ -68,10 +73,12 @@ def family_problem(model) -> str | None:
     for name in names:
         if name in REFUSED:
             return f"unsupported teacher architecture {config_name} ({base_name}): {REFUSED[name]}"
-    pred = prediction_of(model)
-    if pred is None:
-        return (f"{config_name} ({base_name}) is not supported: its sampling ({type(model.model_sampling).__name__}) "
-                "is not eps, v, EDM or flow matching on a noise-level table")
+    kind = _parameterisation(model)
+    if kind not in PREDICTIONS:
+        why = UNSUPPORTED_PREDICTIONS.get(kind, "it is not eps, v, EDM or flow matching on a noise-level table")
+        return (f"unsupported teacher {config_name} ({base_name}) with {kind or type(model.model_sampling).__name__} "
+                f"sampling: {why}; the trainer distils eps-, v-, EDM- and flow-matching models (SD1.5, SD2.x, SDXL, "
+                "FLUX.1-dev, SD3, FLUX.2, Qwen-Image, Lumina 2, Chroma, Wan, HunyuanVideo, AuraFlow...)")
     row = row_for(config_name)
     if row is not None and row.family == "flux" and not model.model_config.unet_config.get("guidance_embed"):
         return f"{config_name} without a guidance embedding is not supported: {REFUSED['FluxSchnell']}"
@@ -143,13 +150,18 @@ class Teacher:
             raise TeacherError(f"{name}: the text encoder is {te}, not FLUX's CLIP-L + T5-XXL pair; {row.files_hint}")
 
     def _sigmas(self) -> torch.Tensor:
+        """The trainer's 1000 noise levels (``k = 0..999``): the host's table (shift included) as it is when
+        it has 1000 levels, else every (N/1000)-th level of its N (FLUX-type sampling keeps 10000)."""
         if self.row.schedule == "flux-unshifted":
             return flow_sigmas().float()
         sigmas = self.model.model_sampling.sigmas.detach().float().cpu()
-        if sigmas.numel() != 1000:
-            raise TeacherError(f"{self.name}: the trainer needs the host's 1000-level noise table, got "
-                               f"{sigmas.numel()} levels")
-        return sigmas
+        n = sigmas.numel()
+        if n == 1000:
+            return sigmas
+        if n < 1000 or n % 1000:
+            raise TeacherError(f"{self.name}: the trainer needs a noise table of 1000 levels or a multiple, the host's "
+                               f"has {n}")
+        return sigmas[n // 1000 - 1::n // 1000].contiguous()
 
     def _check_conditioning(self) -> None:
         """Refuse (by name) a model whose conditioning needs more than a prompt: an image or mask
@@ -409,6 +421,8 @@ class Teacher:
         A VAE without one (deterministic encoder) gives log-variance -inf: every draw is the mean."""
         import comfy.ldm.models.autoencoder as autoencoder
 
+        if pixels.ndim == 4 and getattr(self.vae, "latent_dim", 2) == 3:
+            pixels = pixels.unsqueeze(2)  # a video VAE (Wan's, also Qwen-Image's): images are 1-frame clips
         frames = pixels.movedim(1, -1).float()
         if pixels.ndim == 5:  # [B, 3, T, H, W] -> the host's video layout, one clip at a time: [T, H, W, 3]
             means = [self.vae.encode(frames[i]).float().cpu() for i in range(pixels.shape[0])]
