@@ -1,0 +1,261 @@
+"""Every family through the host's own route (issue 26): tiny random-weight models of SD3, FLUX.2,
+Qwen-Image, Lumina 2, Chroma, Wan 2.1, HunyuanVideo and AuraFlow built from ComfyUI's own classes
+(tests/tdd_test_nodes/families.py), distilled by the one generic Teacher (trainer/families/).
+
+Per family:
+- the seam: the loss of a fixed batch falls (in-process);
+- TDD Distill over HTTP on the real server writes the LoRA (one run per family, shared by the checks);
+- the file's keys are the host's (``comfy.lora.model_lora_keys_unet``), the stock loader
+  (``comfy.sd.load_lora_for_models``, what LoraLoader calls) patches 100% of its modules, it changes the
+  output and strength 0 changes nothing;
+- a 4-step TDD sample (TDD Guidance + TDD Scheduler + TDD Sampler through SamplerCustomAdvanced) with
+  the LoRA in the stock LoraLoader, over HTTP; video families sample 5-D latents with frames;
+- a run stopped at step 2 and resumed equals an uninterrupted run (the trainer's stop request, which
+  ComfyUI's Cancel triggers).
+Also: the SD1.5/SD2.x/SDXL/FLUX.1 path gives the LoRAs the old per-family Teachers gave, bit for bit,
+and a model the trainer can't serve is refused by name before any work.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import path_reference
+import trainer_fixtures as fx
+
+pytestmark = pytest.mark.usefixtures("trainer_host")
+FAMS = fx.load_module(fx.REPO / "tests" / "tdd_test_nodes" / "families.py", "tdd_test_families")
+NAMES = sorted(FAMS.FAMILIES)
+FOLDER = "tdd_family_images"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def images(comfy_base) -> Path:
+    """4 captioned 32 px images in the server's input folder (and for in-process runs)."""
+    folder = fx.make_images(comfy_base / "input" / FOLDER, n=4, size=(40, 32))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = FAMS.build(family, 0)
+        return cache[family]
+    return get
+
+
+# ------------------------------------------------------------------------------------------------
+# the seam, in process
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", NAMES)
+def test_loss_falls_on_a_fixed_batch(family, built):
+    from trainer.algorithm import StepConfig, TargetSampler, compute_loss, draw_batch
+    from trainer.config import TrainConfig
+    from trainer.lora import LoRANetwork
+    from trainer.models import from_components
+
+    teacher = from_components(*built(family), name=family)
+    res = FAMS.resolution(family)
+    frames = 5 if family in FAMS.VIDEO else None
+    px = torch.rand(2, 3, *([frames] if frames else []), res, res, generator=torch.Generator().manual_seed(1))
+    x0 = teacher.latent_in(teacher.encode_posterior(px)[0])
+    assert x0.ndim == (5 if teacher.latent_dims == 3 else 4)
+    ctx, pooled = teacher.encode_text(["a red square", "a blue circle"])
+    cond = teacher.make_cond(ctx, pooled, res, res)
+    e_ctx, e_pooled = teacher.encode_text([""])
+    uncond = teacher.uncond(e_ctx.expand(2, -1, -1), None if e_pooled is None else e_pooled.expand(2, -1), res, res)
+    network = LoRANetwork(teacher.lora_targets(), rank=4, alpha=4, seed=0).attach()
+    try:
+        opt = torch.optim.AdamW(network.parameters(), lr=1e-2)
+        draws = draw_batch(TargetSampler("tdd"), 0, [0, 1], x0.shape[1:], 0.0)
+        sched = teacher.schedule(TrainConfig())
+
+        def frozen(z, t, c):
+            with network.disabled():
+                return teacher.x0(z, t, c)
+        losses = []
+        for _ in range(6):
+            loss = compute_loss(teacher.x0, frozen, x0, cond, uncond, draws, sched, StepConfig(loss="l2"))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    finally:
+        network.detach_hooks()
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], (family, losses)
+
+
+def test_generic_path_gives_the_old_path_lora(tmp_path):
+    """SD1.5 (the demo model and the tiny one), SD2.x-v, SDXL and FLUX.1 through the generic seam: the
+    same 3-step runs give the very LoRAs the old per-family Teachers gave (tests/data/path_reference.json,
+    recorded on main before the change), bit for bit."""
+    want = json.loads((fx.REPO / "tests" / "data" / "path_reference.json").read_text())
+    for name in want:
+        (tmp_path / name).mkdir()
+        got = path_reference.run_one(name, tmp_path / name)
+        assert sorted(got) == sorted(want[name]), name
+        differ = [k for k in want[name] if got[k]["sha256"] != want[name][k]["sha256"]]
+        assert differ == [], (name, differ[:3])
+
+
+def test_unsupported_families_are_refused_by_name(built):
+    """Refused before any work, naming the model and why: an x0 (LCM-distilled) parameterisation, and
+    FLUX.1-schnell (a FLUX model without a guidance embedding: already distilled)."""
+    from types import SimpleNamespace
+
+    import comfy.model_sampling
+    import comfy.supported_models
+    from trainer.families import family_problem
+    from trainer.models import Teacher, TeacherError
+
+    patcher = fx.tiny_sd15(0)[0]
+
+    class LCM(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.X0):
+        pass
+    lcm = SimpleNamespace(model_config=patcher.model.model_config, model_sampling=LCM(patcher.model.model_config))
+    problem = family_problem(lcm)
+    assert problem and "SD15" in problem and "X0 sampling" in problem and "already a few-step model" in problem
+    cfg = comfy.supported_models.FluxSchnell(dict(fx.meta_flux().model_config.unet_config, guidance_embed=False))
+    cfg.set_inference_dtype(torch.float32, None)
+    schnell = cfg.get_model({}, "model.", device=torch.device("meta"))
+    with pytest.raises(TeacherError, match="FluxSchnell.*FLUX.1-schnell is already a few-step"):
+        Teacher(SimpleNamespace(model=schnell), None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# over HTTP on the real server: TDD Distill, the file in the stock loader, a TDD sample
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled(server, comfy_base, images):
+    """family -> (LoRA path, its run's log rows): one TDD Distill run per family, over HTTP."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            name = f"family_{family}"
+            graph = {"1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
+                     "2": {"class_type": "TDDDistill", "inputs": {
+                         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
+                         "preset": "quick", "steps": STEPS, "batch": 2, "lr": 1e-3, "rank": 4, "seed": 0,
+                         "resolution": FAMS.resolution(family), "lora_name": name, "resume": False,
+                         "overwrite": True}}}
+            server.run(graph, timeout=600)
+            path = comfy_base / "models" / "loras" / f"{name}.safetensors"
+            cache[family] = (path, fx.read_log(comfy_base / "models" / "tdd_distill_runs" / name))
+        return cache[family]
+    return get
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_distilled_lora_loads_fully_in_the_stock_loader(family, distilled, built):
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    from trainer.lora_format import read_tdd_metadata
+
+    path, rows = distilled(family)
+    assert [int(r["step"]) for r in rows][-1] == STEPS and all(np.isfinite(float(r["loss"])) for r in rows)
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    patcher = built(family)[0]
+    meta = read_tdd_metadata(path)                       # the family named by the host's config class
+    assert meta["tdd_base_arch"] == type(patcher.model.model_config).__name__.lower()
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    modules = {k.rsplit(".", 2)[0] for k in lora if k.endswith(".lora_down.weight")}
+    assert modules and sorted(m for m in modules if m not in key_map) == []           # the host's own key names
+    loaded = comfy.lora.load_lora(lora, key_map)
+    assert len(loaded) == len(modules)                                               # 100% of its modules
+    assert set(loaded) == {key_map[m] for m in modules}
+
+    res = FAMS.resolution(family)
+    x = torch.randn(1, *_latent_shape(patcher, res), generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, FAMS.TEXT_DIM, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(1, FAMS.TEXT_DIM) if FAMS.FAMILIES[family][2] else None
+
+    def out(strength):
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+        patched.patch_model()
+        try:
+            kw = patched.model.extra_conds(cross_attn=ctx, pooled_output=pooled, noise=x, device=x.device,
+                                           width=res, height=res)
+            kw = {k: v.process_cond(batch_size=1, area=None, device=x.device).cond for k, v in kw.items()}
+            with torch.no_grad():
+                return patched.model.apply_model(x, torch.tensor([0.5]), **kw)
+        finally:
+            patched.unpatch_model()
+    base, full, zero = out(None), out(1.0), out(0.0)
+    assert not torch.equal(base, full)
+    assert torch.equal(base, zero)
+
+
+def _latent_shape(patcher, res: int) -> tuple:
+    fmt = patcher.model.latent_format
+    c, f = int(fmt.latent_channels), 8
+    return (c, 2, res // f, res // f) if getattr(fmt, "latent_dimensions", 2) == 3 else (c, res // f, res // f)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_tdd_sample_with_the_lora_over_http(family, server, distilled):
+    """TDDTestFamilyModel -> LoraLoader (stock) -> TDD Guidance / Scheduler / Sampler -> SamplerCustomAdvanced
+    at 4 steps; the latent comes from the family's VAE (5 frames -> a 5-D video latent for video families)."""
+    path, _ = distilled(family)
+    res, frames = FAMS.resolution(family), (5 if family in FAMS.VIDEO else 1)
+    graph = {
+        "1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": path.name,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "a red square on a gradient"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+        "6": {"class_type": "TDDGuidance", "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                      "scale": 1.7, "guidance_start": 0.0, "guidance_end": 1.0,
+                                                      "rescale": 0.0}},
+        "7": {"class_type": "TDDScheduler", "inputs": {"model": ["2", 0], "steps": 4, "non_equidistant": False,
+                                                       "denoise": 1.0}},
+        "8": {"class_type": "TDDSampler", "inputs": {"eta": 0.2, "x0_clip_steps": 0}},
+        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "10": {"class_type": "EmptyImage", "inputs": {"width": res, "height": res, "batch_size": frames, "color": 0}},
+        "15": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["9", 0], "guider": ["6", 0],
+                                                                 "sampler": ["8", 0], "sigmas": ["7", 0],
+                                                                 "latent_image": ["15", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": f"family_{family}"}},
+    }
+    entry = server.run(graph, timeout=600)
+    paths = server.output_images(entry)
+    assert len(paths) == frames                                  # video: a clip of frames back from a 5-D latent
+    for p in paths:
+        img = np.asarray(Image.open(p), dtype=np.float32)
+        assert img.shape[:2] == (res, res) and np.isfinite(img).all()
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "wan21"])
+def test_stop_then_resume_equals_an_uninterrupted_run(family, built, images, tmp_path):
+    """The trainer's stop request at step 2 (what ComfyUI's Cancel triggers in TDD Distill), then resume:
+    the same LoRA as 4 uninterrupted steps."""
+    from trainer.loop import train
+
+    res = FAMS.resolution(family)
+
+    def run(folder, stop_at=None, resume=None):
+        cfg = fx.train_config(images, folder, resolution=res, max_steps=STEPS, resume=resume, save_every=1)
+
+        def on_step(r, row):
+            if stop_at is not None and row["step"] == stop_at:
+                r.request_stop()
+        return train(cfg, components=FAMS.build(family, 0), on_step=on_step)
+    whole = run(tmp_path / "whole")
+    first = run(tmp_path / "parts", stop_at=2)
+    assert first["status"] == "interrupted" and first["step"] == 2
+    second = run(tmp_path / "parts", resume=str(tmp_path / "parts" / "run"))
+    assert second["status"] == "done"
+    a, b = fx.lora_tensors(whole["out"]), fx.lora_tensors(second["out"])
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
