@@ -259,3 +259,21 @@ def test_stop_then_resume_equals_an_uninterrupted_run(family, built, images, tmp
     assert second["status"] == "done"
     a, b = fx.lora_tensors(whole["out"]), fx.lora_tensors(second["out"])
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_tdd_lora_loader_gives_the_family_settings(family, host, distilled, built):
+    """TDD LoRA Loader on the family's model with its distilled file: the recommended steps/eta/guidance
+    of the family's guidance kind (a guidance embedding samples as FLUX.1 does: 8 steps at 2.0; CFG
+    families at TDD's 4 steps and CFG 1.7), and what the guidance value means."""
+    from harness import run_node
+    from trainer.lora_format import read_tdd_metadata
+
+    path, _ = distilled(family)
+    model, clip, _ = built(family)
+    info, steps, eta, guidance = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=path.name,
+                                          strength_model=1.0, strength_clip=1.0)[2:]
+    embedded = family in ("flux2", "hunyuan_video")
+    assert read_tdd_metadata(path)["tdd_guidance_kind"] == ("embedding" if embedded else "cfg")
+    assert (steps, guidance) == ((8, 2.0) if embedded else (4, 1.7)), info
+    assert ("guidance embedding (FluxGuidance)" if embedded else "CFG scale") in info

@@ -536,7 +536,9 @@ class Run:
                          100 * cal.fraction_of_run)
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
+                              embedded_guidance=teacher.embedded_guidance,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
+                                     "tdd_guidance_kind": "embedding" if teacher.embedded_guidance else "cfg",
                                      **{f"tdd_{k}": json.dumps(v) for k, v in self.skipped_summary().items()},
                                      "tdd_run_fingerprint": self.fp,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {}), **extra})
