@@ -311,7 +311,8 @@ class TDDDistill(TDDNode):
         if problem:
             raise ValueError(f"TDD Distill: {problem}")
         data, models = trainer_module("data"), trainer_module("models")
-        family_problem = trainer_module("families").family_problem(model.model)  # classes only: before any work
+        family_problem = trainer_module("families").family_problem(  # classes only: before any work
+            model.model, model.get_model_object("model_sampling"))
         if family_problem:
             raise ValueError(f"TDD Distill: {family_problem}")
         if images == BATCH_CHOICE:

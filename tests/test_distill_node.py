@@ -332,7 +332,7 @@ def test_unsupported_model_family_is_refused_naming_the_supported_ones(server, i
     graph["5"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm", "zsnr": False}}
     graph["2"]["inputs"]["model"] = ["5", 0]
     text = failure(server, graph)
-    assert "unsupported teacher SD15" in text and "X0 sampling" in text and "SD1.5, SD2.x, SDXL" in text, text
+    assert "unsupported teacher SD15" in text and "LCM sampling" in text and "SD1.5, SD2.x, SDXL" in text, text
 
 
 def test_training_leaves_the_loaded_model_unpatched(server, comfy_base, images):

@@ -85,6 +85,7 @@ PREDICTIONS = {"EPS": "eps", "V_PREDICTION": "v", "EDM": "edm", "CONST": "flow"}
 #: Parameterisations it refuses, and why (the first of either found in the class's MRO decides).
 UNSUPPORTED_PREDICTIONS = {
     "X0": "x0 prediction (an LCM-distilled or x0 model) is already a few-step model",
+    "LCM": "LCM sampling (ModelSamplingDiscrete lcm) is an already distilled few-step model",
     "IMG_TO_IMG": "image-to-image sampling needs an input image, not a prompt",
     "IMG_TO_IMG_FLOW": "image-to-image sampling needs an input image, not a prompt",
     "COSMOS_RFLOW": "Cosmos' rectified-flow parameterisation is not on a noise-level table the trainer reads",

@@ -52,9 +52,9 @@ def model_fingerprint(module: torch.nn.Module, samples: int = 32) -> str:
     return h.hexdigest()[:16]
 
 
-def _parameterisation(model) -> str | None:
+def _parameterisation(model, sampling=None) -> str | None:
     """The host's parameterisation class name of ``model_sampling`` (the first known one in its MRO)."""
-    for cls in type(model.model_sampling).__mro__:
+    for cls in type(sampling if sampling is not None else model.model_sampling).__mro__:
         if cls.__name__ in PREDICTIONS or cls.__name__ in UNSUPPORTED_PREDICTIONS:
             return cls.__name__
     return None
@@ -65,15 +65,17 @@ def prediction_of(model) -> str | None:
     return PREDICTIONS.get(_parameterisation(model))
 
 
-def family_problem(model) -> str | None:
+def family_problem(model, sampling=None) -> str | None:
     """Why the trainer can't distil this host model (the family named), or None. Reads only classes and
-    configs: cheap, so callers run it before any work (data, encoders, training)."""
+    configs: cheap, so callers run it before any work (data, encoders, training). ``sampling``: the
+    ``model_sampling`` a ModelPatcher's object patches give it (ModelSamplingDiscrete / SD3 / Flux nodes),
+    which the model itself only gets once loaded."""
     config_name, base_name = type(model.model_config).__name__, type(model).__name__
     names = [c.__name__ for c in type(model).__mro__] + [config_name]
     for name in names:
         if name in REFUSED:
             return f"unsupported teacher architecture {config_name} ({base_name}): {REFUSED[name]}"
-    kind = _parameterisation(model)
+    kind = _parameterisation(model, sampling)
     if kind not in PREDICTIONS:
         why = UNSUPPORTED_PREDICTIONS.get(kind, "it is not eps, v, EDM or flow matching on a noise-level table")
         return (f"unsupported teacher {config_name} ({base_name}) with {kind or type(model.model_sampling).__name__} "
