@@ -277,3 +277,60 @@ def test_tdd_lora_loader_gives_the_family_settings(family, host, distilled, buil
     assert read_tdd_metadata(path)["tdd_guidance_kind"] == ("embedding" if embedded else "cfg")
     assert (steps, guidance) == ((8, 2.0) if embedded else (4, 1.7)), info
     assert ("guidance embedding (FluxGuidance)" if embedded else "CFG scale") in info
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: the estimate from parameter counts, and the refusal before the first step
+# ------------------------------------------------------------------------------------------------
+def test_memory_estimate_from_parameter_counts():
+    from trainer.memory import GIB, ModelSize, estimate
+
+    flux_dev = ModelSize(params=11_901_408_320, width=3072, blocks=57, tokens=4096 + 512)   # 1024 px, T5 512
+    plain = estimate(flux_dev, base_dtype="bf16")
+    ckpt = estimate(flux_dev, base_dtype="bf16", checkpointing=True)
+    assert plain.weights == 2 * flux_dev.params and ckpt.weights == plain.weights     # the frozen base, bf16
+    assert plain.lora == 64 * 18 * 3072 * 57 * 16                                      # rank 64, fp32 + AdamW
+    assert ckpt.activations * 10 < plain.activations                                   # checkpointing saves most
+    assert 22 < ckpt.total / GIB < 30 < plain.total / GIB                              # FLUX.1 fits 40 GB only so
+    assert estimate(flux_dev, batch=2).activations == 2 * plain.activations
+    assert estimate(flux_dev, base_dtype="fp8").weights == flux_dev.params
+
+
+@pytest.mark.parametrize("family", ["wan21"])
+def test_a_run_that_does_not_fit_is_refused_before_the_first_step(family, built, images, tmp_path, monkeypatch):
+    import trainer.loop
+    from trainer.config import ConfigError
+    from trainer.memory import GIB, estimate
+    from trainer.models import from_components
+
+    res = FAMS.resolution(family)
+    teacher = from_components(*built(family), name=family)
+    size = teacher.model_size(res)
+    plain = estimate(size, batch=2, base_dtype="fp32", rank=4).total
+    ckpt = estimate(size, batch=2, base_dtype="fp32", checkpointing=True, rank=4).total
+    assert ckpt < plain
+    for available, option in (((plain + ckpt) // 2, "turn on gradient checkpointing"),
+                              (ckpt - 1, "store the frozen base in bf16"), (GIB // 2, "lower --resolution")):
+        monkeypatch.setattr(trainer.loop, "available_memory", lambda device, a=available: a)
+        cfg = fx.train_config(images, tmp_path / str(available), resolution=res, max_steps=2, rank=4)
+        with pytest.raises(ConfigError, match=f"{teacher.arch} needs about .* GiB to distil at batch 2.*{option}"):
+            trainer.loop.train(cfg, components=FAMS.build(family, 0))
+        assert not (tmp_path / str(available) / "run" / "log.csv").exists()        # no step was taken
+
+
+def test_tdd_distill_names_the_option_when_the_model_does_not_fit(host, images, monkeypatch, built):
+    """The node's error, before any step: the estimate, the device's memory and the option to try."""
+    import trainer.loop
+    from harness import run_node
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(trainer.loop, "available_memory", lambda device: 1024 ** 2)
+    # (the executor sets a V3 node's hidden inputs; run_node calls the class directly)
+    monkeypatch.setattr(host.NODE_CLASS_MAPPINGS["TDDDistill"], "hidden", SimpleNamespace(unique_id=None), raising=False)
+    model, clip, vae = FAMS.build("sd3", 0)
+    with pytest.raises(Exception, match="sd3 needs about .* GiB to distil at batch 2.*but cpu has 0.0 GiB.*lower "
+                                        "--resolution or --batch-size"):
+        run_node(host, "TDDDistill", model=model, clip=clip, vae=vae, images=FOLDER, method="tdd", preset="quick",
+                 steps=2, batch=2, lr=1e-3, rank=4, seed=0, resolution=32, lora_name="family_too_big", resume=False,
+                 overwrite=True)

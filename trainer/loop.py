@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import adversarial, calibrate, checkpoint, data, guards, models
+from . import adversarial, calibrate, checkpoint, data, guards, memory, models
 from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           **({"fp8": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {})}
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a run may use on ``device``: the GPU's total memory, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+    return int(psutil.virtual_memory().total)
 
 
 def pick_device(device_pref: str, local_rank: int = 0) -> torch.device:
@@ -279,6 +287,7 @@ class Run:
                      teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution,
                      len(self.bad_files), ddp.world)
         self.network = LoRANetwork(teacher.lora_targets(), cfg.rank, cfg.alpha, seed=cfg.seed).to(self.device).attach()
+        self._check_fits()  # before the first step: a clear error naming the option to try
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(teacher.checkpoint_blocks())
         self.params = list(self.network.parameters())
@@ -304,6 +313,17 @@ class Run:
         self.step, self.losses, self.latent_shape, self.val_conds = 0, [], None, None
         self.stop, self.logger, self.bar = _StopFlag(), None, None
         self.on_step, self.interrupts = None, ()
+
+    def _check_fits(self) -> None:
+        """Refuse a run whose memory estimate (trainer/memory.py, from the model's parameter counts)
+        exceeds the device's memory, naming the option that would make it fit."""
+        cfg, teacher = self.cfg, self.teacher
+        size = teacher.model_size(self.resolution, lora_params=sum(p.numel() for p in self.network.parameters()))
+        problem = memory.fit_problem(teacher.arch, size, available_memory(self.device), batch=cfg.batch_size,
+                                     resolution=self.resolution, base_dtype=self.base_dtype,
+                                     checkpointing=cfg.gradient_checkpointing, rank=cfg.rank, device=str(self.device))
+        if problem:
+            raise ConfigError(problem)
 
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""

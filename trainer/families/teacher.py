@@ -316,6 +316,25 @@ class Teacher:
         tc = int(getattr(self.vae, "temporal_compression_encode", lambda: 1)() or 1)
         return 1 + (max(frames, 1) - 1) // tc
 
+    def model_size(self, resolution: int, frames: int = 1, text_tokens: int = 77, lora_params: int = 0):
+        """What :mod:`trainer.memory` estimates from, read off the host model: parameters, the transformer
+        width (the most common input width of the blocks' Linear layers), the blocks, and the tokens one
+        sample of ``resolution`` px (``frames`` frames) puts through them after the model's patching."""
+        from collections import Counter
+
+        from ..memory import ModelSize
+
+        widths = Counter(m.in_features for block in self.checkpoint_blocks() for m in block.modules()
+                         if isinstance(m, torch.nn.Linear))
+        width = widths.most_common(1)[0][0] if widths else int(self.model.model_config.unet_config.get(
+            "model_channels", 320))
+        patch = self.model.model_config.unet_config.get("patch_size", 1)
+        patch_area = patch * patch if isinstance(patch, int) else int(torch.tensor(list(patch)[-2:]).prod())
+        shape = self.latent_shape(resolution, frames)
+        positions = int(torch.tensor(shape[1:]).prod()) // max(patch_area, 1)
+        return ModelSize(params=sum(p.numel() for p in self.model.diffusion_model.parameters()), width=width,
+                         blocks=len(self.checkpoint_blocks()), tokens=positions + text_tokens, lora_params=lora_params)
+
     @contextlib.contextmanager
     def lora_file_applied(self, path, strength: float = 1.0):
         """Inside this block the model carries the LoRA file ``path`` (any format ComfyUI's LoraLoader
