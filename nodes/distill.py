@@ -115,7 +115,7 @@ def lora_name_problem(name: str) -> str | None:
 
 
 def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, rank, seed, resolution,
-                    gradient_checkpointing, precision, base_dtype):
+                    gradient_checkpointing, precision, base_dtype, frames=1):
     """The trainer's TrainConfig: defaults < preset < the node's inputs (0 = keep the preset's value)."""
     config = trainer_module("config")
     preset_values = config.load_preset(preset)
@@ -123,7 +123,7 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
     trainer_method, adversarial = METHODS[method]
     values.update(teacher="<ComfyUI model>", method=trainer_method, adversarial=adversarial, seed=seed, data=folder, out=out,
                   run_dir=run_dir, num_workers=0, progress=False, gradient_checkpointing=gradient_checkpointing,
-                  precision=precision, base_dtype=base_dtype, validate_every=0,
+                  precision=precision, base_dtype=base_dtype, validate_every=0, frames=frames,
                   overwrite=True)  # the node picks the file itself (output_path): a fresh name, or its overwrite input
     for name, value in (("max_steps", steps), ("batch_size", batch), ("lr", lr), ("rank", rank),
                         ("resolution", resolution)):
@@ -281,6 +281,11 @@ class TDDDistill(TDDNode):
                 io.String.Input("captions", default="", multiline=True, optional=True,
                                 tooltip="Captions of image_batch: one line per image, or one line for all of them; "
                                         "empty trains without a prompt."),
+                io.Int.Input("frames", default=1, min=1, max=1024, optional=True,
+                             tooltip="Frames per training clip for video families (Wan, HunyuanVideo...): the images "
+                                     "folder may hold short videos (.mp4/.webm/.mov/.mkv/.avi) and folders of frames, "
+                                     "each with a same-named .txt caption; 1 trains on images and each clip's first "
+                                     "frame."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the new LoRA at its trained scale."),
@@ -304,7 +309,7 @@ class TDDDistill(TDDNode):
     @classmethod
     def distill(cls, model, clip, vae, images, method, preset, steps, batch, lr, rank, seed, resolution,
                 lora_name, resume, overwrite, image_batch=None, captions="", gradient_checkpointing=False,
-                precision="auto", base_dtype="auto") -> io.NodeOutput:
+                precision="auto", base_dtype="auto", frames=1) -> io.NodeOutput:
         cls.check_values(method=method, preset=preset, steps=steps, batch=batch, lr=lr, rank=rank, seed=seed,
                          resolution=resolution, precision=precision, base_dtype=base_dtype)
         problem = lora_name_problem(lora_name)
@@ -331,7 +336,7 @@ class TDDDistill(TDDNode):
         cfg = training_config(folder=folder, out="", run_dir="", method=method, preset=preset, steps=steps,
                               batch=batch, lr=lr, rank=rank, seed=seed, resolution=resolution,
                               gradient_checkpointing=gradient_checkpointing, precision=precision,
-                              base_dtype=base_dtype)
+                              base_dtype=base_dtype, frames=frames)
         items, _ = data.scan(folder, warn=False)  # the trainer warns about bad files when it scans again
         comfy.model_management.load_models_gpu([model])  # the host applies the model's own patches first
         release_inference_tensors(model.model)

@@ -334,3 +334,67 @@ def test_tdd_distill_names_the_option_when_the_model_does_not_fit(host, images, 
         run_node(host, "TDDDistill", model=model, clip=clip, vae=vae, images=FOLDER, method="tdd", preset="quick",
                  steps=2, batch=2, lr=1e-3, rank=4, seed=0, resolution=32, lora_name="family_too_big", resume=False,
                  overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# video data: clips (video files, folders of frames) and images as 1-frame clips
+# ------------------------------------------------------------------------------------------------
+def _clip_frames(n: int, size=(40, 32), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, (h, w, 3)).astype(np.uint8)
+    return [np.roll(base, 3 * i, axis=1) for i in range(n)]   # a pattern moving right
+
+
+def write_video(path: Path, frames: list[np.ndarray]) -> Path:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for arr in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+@pytest.fixture()
+def clips(tmp_path) -> Path:
+    """A 7-frame .mp4, a folder of 5 frames, both captioned, and one captioned image."""
+    root = tmp_path / "clips"
+    root.mkdir()
+    write_video(root / "moving.mp4", _clip_frames(7))
+    (root / "moving.txt").write_text("a pattern moving right")
+    (root / "frames").mkdir()
+    for i, arr in enumerate(_clip_frames(5, seed=1)):
+        Image.fromarray(arr).save(root / "frames" / f"{i:03d}.png")
+    (root / "frames.txt").write_text("another pattern moving right")
+    Image.fromarray(_clip_frames(1, seed=2)[0]).save(root / "still.png")
+    (root / "still.txt").write_text("a still image")
+    return root
+
+
+def test_video_data_clips_frame_folders_and_images(clips, tmp_path, built):
+    from trainer import data
+    from trainer.loop import train
+    from trainer.models import from_components
+
+    items, bad = data.scan(clips)
+    assert bad == [] and {Path(it.path).name: it.frames for it in items} == {"frames": 5, "moving.mp4": 7,
+                                                                               "still.png": 1}
+    teacher = from_components(*built("wan21"), name="wan21")
+    with pytest.raises(data.DataError, match="fewer than the 5 frames.*still.png.*lower --frames"):
+        data.TrainData(items, teacher, 16, num_workers=0, frames=5)
+    clip = data.load_clip(str(clips / "moving.mp4"), 16, 5)
+    assert clip.shape == (3, 5, 16, 16) and 0 <= float(clip.min()) and float(clip.max()) <= 1
+    one = data.TrainData(items, teacher, 16, num_workers=0, frames=1)     # every item as a 1-frame clip
+    x0, ctx, _, _ = one.fetch([0, 1, 2], [0, 1, 2])
+    assert x0.shape == (3, 16, 1, 2, 2) and ctx.shape[0] == 3
+    (clips / "still.png").unlink()
+    five = data.TrainData(data.scan(clips)[0], teacher, 16, num_workers=0, frames=5)
+    x0, _, _, _ = five.fetch([0, 1], [0, 1])
+    assert x0.shape == (2, 16, 2, 2, 2)                                   # 5 frames -> 2 latent frames (causal 4x)
+    cfg = fx.train_config(clips, tmp_path / "run5", resolution=16, max_steps=2, frames=5)
+    result = train(cfg, components=FAMS.build("wan21", 0))
+    assert result["status"] == "done" and len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))

@@ -281,7 +281,8 @@ class Run:
             for p in remove_stale_temps(self.run_dir) + remove_stale_temps(self.out_path.parent, {self.out_path.name}):
                 log.info("removed %s, left by a process killed while writing it", p)
         self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
-                                   skipped=len(self.bad_files), seed=cfg.seed, center_crop=cfg.center_crop)
+                                   skipped=len(self.bad_files), seed=cfg.seed, center_crop=cfg.center_crop,
+                                   frames=cfg.frames)
         if self.main:
             log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
                      teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution,
@@ -318,7 +319,8 @@ class Run:
         """Refuse a run whose memory estimate (trainer/memory.py, from the model's parameter counts)
         exceeds the device's memory, naming the option that would make it fit."""
         cfg, teacher = self.cfg, self.teacher
-        size = teacher.model_size(self.resolution, lora_params=sum(p.numel() for p in self.network.parameters()))
+        size = teacher.model_size(self.resolution, cfg.frames,
+                                  lora_params=sum(p.numel() for p in self.network.parameters()))
         problem = memory.fit_problem(teacher.arch, size, available_memory(self.device), batch=cfg.batch_size,
                                      resolution=self.resolution, base_dtype=self.base_dtype,
                                      checkpointing=cfg.gradient_checkpointing, rank=cfg.rank, device=str(self.device))
