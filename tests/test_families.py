@@ -119,9 +119,10 @@ def test_unsupported_families_are_refused_by_name(built):
 
     patcher = fx.tiny_sd15(0)[0]
 
-    class LCM(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.X0):
+    class Distilled(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.X0):
         pass
-    lcm = SimpleNamespace(model_config=patcher.model.model_config, model_sampling=LCM(patcher.model.model_config))
+    lcm = SimpleNamespace(model_config=patcher.model.model_config,
+                          model_sampling=Distilled(patcher.model.model_config))
     problem = family_problem(lcm)
     assert problem and "SD15" in problem and "X0 sampling" in problem and "already a few-step model" in problem
     cfg = comfy.supported_models.FluxSchnell(dict(fx.meta_flux().model_config.unet_config, guidance_embed=False))
