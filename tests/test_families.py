@@ -58,9 +58,6 @@ def built():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", NAMES)
 def test_loss_falls_on_a_fixed_batch(family, built):
-    from trainer.algorithm import StepConfig, TargetSampler, compute_loss, draw_batch
-    from trainer.config import TrainConfig
-    from trainer.lora import LoRANetwork
     from trainer.models import from_components
 
     teacher = from_components(*built(family), name=family)
@@ -73,24 +70,7 @@ def test_loss_falls_on_a_fixed_batch(family, built):
     cond = teacher.make_cond(ctx, pooled, res, res)
     e_ctx, e_pooled = teacher.encode_text([""])
     uncond = teacher.uncond(e_ctx.expand(2, -1, -1), None if e_pooled is None else e_pooled.expand(2, -1), res, res)
-    network = LoRANetwork(teacher.lora_targets(), rank=4, alpha=4, seed=0).attach()
-    try:
-        opt = torch.optim.AdamW(network.parameters(), lr=1e-2)
-        draws = draw_batch(TargetSampler("tdd"), 0, [0, 1], x0.shape[1:], 0.0)
-        sched = teacher.schedule(TrainConfig())
-
-        def frozen(z, t, c):
-            with network.disabled():
-                return teacher.x0(z, t, c)
-        losses = []
-        for _ in range(6):
-            loss = compute_loss(teacher.x0, frozen, x0, cond, uncond, draws, sched, StepConfig(loss="l2"))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss.detach()))
-    finally:
-        network.detach_hooks()
+    losses = fx.fixed_batch_losses(teacher, x0, cond, uncond, steps=6, lr=1e-2)
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], (family, losses)
 
 
