@@ -379,3 +379,13 @@ def test_video_data_clips_frame_folders_and_images(clips, tmp_path, built):
     cfg = fx.train_config(clips, tmp_path / "run5", resolution=16, max_steps=2, frames=5)
     result = train(cfg, components=FAMS.build("wan21", 0))
     assert result["status"] == "done" and len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+
+
+def test_latent_shape_counts_the_video_vae_frames(built):
+    from trainer.models import from_components
+
+    wan = from_components(*built("wan21"), name="wan21")
+    assert wan.latent_shape(16, 5) == (16, 2, 2, 2) and wan.latent_shape(16, 1) == (16, 1, 2, 2)
+    assert wan.latent_shape(16, 9) == (16, 3, 2, 2)                       # the causal VAE: 1 + (T - 1) / 4
+    sd3 = from_components(*built("sd3"), name="sd3")
+    assert sd3.latent_shape(32) == (16, 4, 4)

@@ -313,8 +313,10 @@ class Teacher:
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a ``frames``-frame clip (the VAE's temporal compression, causal first frame)."""
-        tc = int(getattr(self.vae, "temporal_compression_encode", lambda: 1)() or 1)
-        return 1 + (max(frames, 1) - 1) // tc
+        ratio = getattr(self.vae, "downscale_ratio", None)   # the host VAE's (frames fn, h, w) for video VAEs
+        if isinstance(ratio, tuple) and callable(ratio[0]):
+            return int(ratio[0](max(frames, 1)))
+        return max(frames, 1)
 
     def model_size(self, resolution: int, frames: int = 1, text_tokens: int = 77, lora_params: int = 0):
         """What :mod:`trainer.memory` estimates from, read off the host model: parameters, the transformer
