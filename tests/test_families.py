@@ -389,3 +389,33 @@ def test_latent_shape_counts_the_video_vae_frames(built):
     assert wan.latent_shape(16, 9) == (16, 3, 2, 2)                       # the causal VAE: 1 + (T - 1) / 4
     sd3 = from_components(*built("sd3"), name="sd3")
     assert sd3.latent_shape(32) == (16, 4, 4)
+
+
+@pytest.mark.parametrize("family", ["wan21"])
+def test_cancel_over_http_then_resume_equals_an_uninterrupted_run(family, server, comfy_base, images):
+    """ComfyUI's Cancel (/interrupt) during TDD Distill on a video family, then the same prompt again
+    (resume on): the LoRA of an uninterrupted run, bit for bit."""
+    from safetensors.torch import load_file
+    from test_distill_node import wait_for_rows
+
+    steps = 120
+
+    def graph(name):
+        return {"1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
+                "2": {"class_type": "TDDDistill", "inputs": {
+                    "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
+                    "preset": "quick", "steps": steps, "batch": 1, "lr": 1e-3, "rank": 4, "seed": 0,
+                    "resolution": FAMS.resolution(family), "lora_name": name, "resume": True, "overwrite": True}}}
+    runs, loras = comfy_base / "models" / "tdd_distill_runs", comfy_base / "models" / "loras"
+    status, body = server.queue(graph(f"cancel_{family}"))
+    assert status == 200, body
+    wait_for_rows(runs / f"cancel_{family}" / "log.csv", 3)
+    server._request("POST", "/interrupt", {})
+    entry = server.wait(body["prompt_id"], timeout=300)
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    stopped_at = int((runs / f"cancel_{family}" / "latest").read_text().strip().split("-")[1])
+    assert 3 <= stopped_at < steps and not (loras / f"cancel_{family}.safetensors").exists()
+    server.run(graph(f"cancel_{family}"), timeout=600)                          # resume on
+    server.run(graph(f"straight_{family}"), timeout=600)
+    a, b = load_file(str(loras / f"cancel_{family}.safetensors")), load_file(str(loras / f"straight_{family}.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
