@@ -96,7 +96,7 @@ def host_training():
     backward (ComfyUI 0.33's fused rope) give way to differentiable ones."""
     import comfy.model_management as mm
 
-    prev, mm.in_training = mm.in_training, True
+    prev, mm.in_training = getattr(mm, "in_training", False), True  # (ComfyUI 0.3.52 has no such flag)
     try:
         yield
     finally:
