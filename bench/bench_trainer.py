@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Trainer benchmark: samples/s and peak memory of a training step for --method tdd vs lcm, and the
 cost of one training step relative to one plain teacher forward+backward, measured side by side, for
-an SD-family teacher and a FLUX.1 (flow-matching) teacher in the same run.
+an SD-family teacher and a FLUX.1 (flow-matching) teacher in the same run; then the trainer step
+through the generic seam (trainer/families/) against the per-family Teachers it replaced (``--old-rev``,
+loaded from git), alternating step by step on two copies of the same model.
 
     .venv/bin/python bench/bench_trainer.py [--batch 4] [--steps 8] [--teacher tests/trainer_fixtures.py:tiny_sd15]
         [--flux-teacher tests/flux_fixtures.py:tiny_flux | --flux-teacher none]
@@ -32,6 +34,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from trainer import models  # noqa: E402
+from trainer.families import host_training  # noqa: E402
 from trainer.algorithm import StepConfig, TargetSampler, compute_loss, draw_batch  # noqa: E402
 from trainer.lora import LoRANetwork  # noqa: E402
 
@@ -75,75 +78,125 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class Stepper:
+    """One teacher's training step and plain forward+backward on a fixed batch (its own LoRA)."""
+
+    def __init__(self, teacher, args, device):
+        self.teacher, self.args, self.device = teacher, args, device
+        self.network = network = LoRANetwork(teacher.lora_targets(), args.rank, 8.0).to(device).attach()
+        self.params = list(network.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=1e-6)
+        self.sched = teacher.schedule()  # the family's noise levels and teacher step
+        gen = torch.Generator().manual_seed(0)
+        lat, channels = args.resolution // 8, teacher.model.latent_format.latent_channels
+        self.x0 = torch.randn(args.batch, channels, lat, lat, generator=gen).to(device)
+        ctx, pooled = teacher.encode_text(["a photo of a cat"] * args.batch)
+        self.cond = teacher.make_cond(ctx, pooled, args.resolution, args.resolution)
+        e_ctx, e_pooled = teacher.encode_text([""])
+        u = teacher.uncond(e_ctx, e_pooled, args.resolution, args.resolution)
+        self.uncond = type(u)(u.context.expand(args.batch, -1, -1), None if u.y is None else u.y.expand(args.batch, -1),
+                              None if u.guidance is None else u.guidance.expand(args.batch))
+        self.loss_kind = "l2" if teacher.arch == "flux" else "huber"
+
+    def student(self, z, t, c):
+        return self.teacher.x0(z, t, c)
+
+    def frozen(self, z, t, c):
+        with self.network.disabled():
+            return self.teacher.x0(z, t, c)
+
+    def draws(self, k, method="tdd"):
+        b = self.args.batch
+        return draw_batch(TargetSampler(method), 0, range(k * b, (k + 1) * b), self.x0.shape[1:], 0.2)
+
+    def train_step(self, method, k):
+        step_cfg = StepConfig(method=method, loss=self.loss_kind)
+        loss = compute_loss(self.student, self.frozen, self.x0, self.cond, self.uncond, self.draws(k, method),
+                            self.sched, step_cfg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def plain_step(self, k):
+        """One teacher(+LoRA) forward and backward on the same batch: the unit of cost."""
+        d = self.draws(k)
+        z = self.sched.noised(self.x0, d.noise.to(self.device), d.t.to(self.device))
+        out = self.student(z, d.t.to(self.device), self.cond)
+        ((out - self.x0) ** 2).mean().backward()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def timed(device, fn, *a):
+    sync(device)
+    t0 = time.perf_counter()
+    fn(*a)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def bench_teacher(teacher, args, device, methods) -> tuple[dict, list[float], int]:
     """Time ``methods``' training steps and the plain forward+backward on one teacher.
     -> ({method: (samples/s, peak bytes, growth bytes)}, training-step / plain-step ratios, LoRA modules)."""
-    network = LoRANetwork(teacher.lora_targets(), args.rank, 8.0).to(device).attach()
-    params = list(network.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    sched = teacher.schedule()  # the family's noise levels and teacher step
-    gen = torch.Generator().manual_seed(0)
-    lat, channels = args.resolution // 8, teacher.model.latent_format.latent_channels
-    x0 = torch.randn(args.batch, channels, lat, lat, generator=gen).to(device)
-    ctx, pooled = teacher.encode_text(["a photo of a cat"] * args.batch)
-    cond = teacher.make_cond(ctx, pooled, args.resolution, args.resolution)
-    e_ctx, e_pooled = teacher.encode_text([""])
-    u = teacher.uncond(e_ctx, e_pooled, args.resolution, args.resolution)
-    uncond = type(u)(u.context.expand(args.batch, -1, -1), None if u.y is None else u.y.expand(args.batch, -1),
-                     None if u.guidance is None else u.guidance.expand(args.batch))
-    loss_kind = "l2" if teacher.arch == "flux" else "huber"
-
-    def student(z, t, c):
-        return teacher.x0(z, t, c)
-
-    def frozen(z, t, c):
-        with network.disabled():
-            return teacher.x0(z, t, c)
-
-    def draws(k, method="tdd"):
-        return draw_batch(TargetSampler(method), 0, range(k * args.batch, (k + 1) * args.batch), x0.shape[1:], 0.2)
-
-    def train_step(method, k):
-        step_cfg = StepConfig(method=method, loss=loss_kind)
-        loss = compute_loss(student, frozen, x0, cond, uncond, draws(k, method), sched, step_cfg)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def plain_step(k):
-        """One teacher(+LoRA) forward and backward on the same batch: the unit of cost."""
-        d = draws(k)
-        z = sched.noised(x0, d.noise.to(device), d.t.to(device))
-        out = student(z, d.t.to(device), cond)
-        ((out - x0) ** 2).mean().backward()
-        opt.zero_grad(set_to_none=True)
-
-    def timed(fn, *a):
-        sync(device)
-        t0 = time.perf_counter()
-        fn(*a)
-        sync(device)
-        return time.perf_counter() - t0
-
+    st = Stepper(teacher, args, device)
     try:
         for m in methods:  # warm-up
-            train_step(m, 0)
-        plain_step(0)
+            st.train_step(m, 0)
+        st.plain_step(0)
         results = {}
         for method in methods:
             with PeakMemory(device) as mem:
-                times = [timed(train_step, method, k) for k in range(1, args.steps + 1)]
+                times = [timed(device, st.train_step, method, k) for k in range(1, args.steps + 1)]
             results[method] = (args.batch / statistics.median(times), mem.peak, mem.peak - mem.base)
         # side by side: alternate training steps and plain forward+backward steps
         ratios = []
         for k in range(1, args.steps + 1):
-            t_train = timed(train_step, "tdd", k)
-            t_plain = timed(plain_step, k)
+            t_train = timed(device, st.train_step, "tdd", k)
+            t_plain = timed(device, st.plain_step, k)
             ratios.append(t_train / t_plain)
     finally:
-        network.detach_hooks()
-    return results, ratios, len(network.prefixes)
+        st.network.detach_hooks()
+    return results, ratios, len(st.network.prefixes)
+
+
+def old_seam(rev: str):
+    """``trainer/models.py`` as it was at git revision ``rev`` (the per-family Teachers before the generic
+    seam of issue 26), loaded as a module of this trainer package, for the side-by-side comparison."""
+    import importlib.util
+    import subprocess
+
+    src = subprocess.run(["git", "-C", REPO, "show", f"{rev}:trainer/models.py"], capture_output=True, text=True,
+                         check=True).stdout
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("trainer._old_models", loader=None))
+    module.__package__ = "trainer"
+    module.__file__ = os.path.join(REPO, "trainer", "models.py")  # (it locates the repository from its path)
+    exec(compile(src, f"{rev}:trainer/models.py", "exec"), module.__dict__)
+    return module
+
+
+def compare_paths(spec, args, device, rev) -> list[float]:
+    """The trainer step through the generic seam and through ``rev``'s per-family Teacher, each on its own
+    copy of the same model, alternating step by step -> per-step time ratios new / old."""
+    from trainer.families import host_training
+
+    factory = models._load_factory(spec)
+    old = old_seam(rev)
+    new_t = models.Teacher(*factory()[:3], name="new").to(device)
+    old_t = old.Teacher(*factory()[:3], name="old").to(device)
+    new_s, old_s = Stepper(new_t, args, device), Stepper(old_t, args, device)
+    ratios = []
+    try:
+        with host_training():  # both in the host's training mode (the old path needs it on 0.33 to backward)
+            new_s.train_step("tdd", 0)
+            old_s.train_step("tdd", 0)
+            for k in range(1, args.steps + 1):
+                t_new = timed(device, new_s.train_step, "tdd", k)
+                t_old = timed(device, old_s.train_step, "tdd", k)
+                ratios.append(t_new / t_old)
+    finally:
+        new_s.network.detach_hooks()
+        old_s.network.detach_hooks()
+    return ratios
 
 
 def main(argv=None):
@@ -157,6 +210,9 @@ def main(argv=None):
     p.add_argument("--resolution", type=int, default=64, help="pixels (latent = resolution / 8)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--old-rev", default="22c5fa8",
+                   help="git revision of the per-family Teachers to time side by side with the generic seam "
+                        "(issue 26; 'none' to skip)")
     args = p.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -173,7 +229,8 @@ def main(argv=None):
     rows = []
     for spec, methods in runs:
         teacher = models.load_teacher(spec, device=str(device)).to(device)
-        results, ratios, modules = bench_teacher(teacher, args, device, methods)
+        with host_training():
+            results, ratios, modules = bench_teacher(teacher, args, device, methods)
         rows.append((teacher, results, ratios, modules))
     what = "CUDA allocated" if device.type == "cuda" else "process RSS"
     lat = args.resolution // 8
@@ -194,6 +251,13 @@ def main(argv=None):
         (sd_arch, (_, sd_ratio)), (_, (_, flux_ratio)) = summary.items()
         log.info("side by side: step cost %s %.2fx vs flux %.2fx a plain forward+backward (flux / %s = %.2f)",
                  sd_arch, sd_ratio, flux_ratio, sd_arch, flux_ratio / sd_ratio)
+    if args.old_rev.lower() != "none":
+        for spec, _ in runs:
+            r = compare_paths(spec, args, device, args.old_rev)
+            arch = models.load_teacher(spec, device=str(device)).arch
+            log.info("%s: generic seam / %s's per-family Teacher, trainer step time = %.3f (median of %d alternating "
+                     "steps, min %.3f, max %.3f)", arch, args.old_rev, statistics.median(r), len(r), min(r), max(r))
+            summary[f"{arch}_new_over_old"] = statistics.median(r)
     return summary
 
 

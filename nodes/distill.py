@@ -115,7 +115,7 @@ def lora_name_problem(name: str) -> str | None:
 
 
 def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, rank, seed, resolution,
-                    gradient_checkpointing, precision, base_dtype):
+                    gradient_checkpointing, precision, base_dtype, frames=1):
     """The trainer's TrainConfig: defaults < preset < the node's inputs (0 = keep the preset's value)."""
     config = trainer_module("config")
     preset_values = config.load_preset(preset)
@@ -123,7 +123,7 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
     trainer_method, adversarial = METHODS[method]
     values.update(teacher="<ComfyUI model>", method=trainer_method, adversarial=adversarial, seed=seed, data=folder, out=out,
                   run_dir=run_dir, num_workers=0, progress=False, gradient_checkpointing=gradient_checkpointing,
-                  precision=precision, base_dtype=base_dtype, validate_every=0,
+                  precision=precision, base_dtype=base_dtype, validate_every=0, frames=frames,
                   overwrite=True)  # the node picks the file itself (output_path): a fresh name, or its overwrite input
     for name, value in (("max_steps", steps), ("batch_size", batch), ("lr", lr), ("rank", rank),
                         ("resolution", resolution)):
@@ -142,7 +142,7 @@ def training_config(*, folder, out, run_dir, method, preset, steps, batch, lr, r
 def run_fingerprint(cfg, teacher, items) -> str:
     """The trainer's fingerprint of this run (what ``tdd_run_fingerprint`` in a finished file holds)."""
     config, data, loop = trainer_module("config"), trainer_module("data"), trainer_module("loop")
-    probe = dataclasses.replace(cfg).apply_family_defaults(teacher.arch)
+    probe = dataclasses.replace(cfg).apply_family_defaults(teacher.arch, teacher.row.defaults, teacher.flow)
     precision = loop.resolve_precision(cfg, loop.pick_device(cfg.device))
     return config.fingerprint(probe.fingerprint_fields(data.dataset_id(items), teacher.fingerprint, precision))
 
@@ -241,7 +241,8 @@ class TDDDistill(TDDNode):
             display_name="TDD Distill",
             category="training",
             is_output_node=True,  # it writes models/loras/<lora_name>.safetensors
-            description="Distil a Target-Driven Distillation LoRA from the loaded model (SD1.5/SD2.x/SDXL or FLUX) "
+            description="Distil a Target-Driven Distillation LoRA from the loaded model (any family ComfyUI runs: SD1.5/"
+                        "SD2.x/SDXL, FLUX.1/FLUX.2, SD3, Qwen-Image, Lumina 2, Chroma, Wan, HunyuanVideo, ... docs/families.md) "
                         "on a folder of captioned images, with the pack's trainer. Writes models/loras/<lora_name>"
                         ".safetensors; Cancel stops with a checkpoint that resume continues.",
             inputs=[
@@ -293,6 +294,11 @@ class TDDDistill(TDDNode):
                 io.String.Input("captions", default="", multiline=True, optional=True,
                                 tooltip="Captions of image_batch: one line per image, or one line for all of them; "
                                         "empty trains without a prompt."),
+                io.Int.Input("frames", default=1, min=1, max=1024, optional=True,
+                             tooltip="Frames per training clip for video families (Wan, HunyuanVideo...): the images "
+                                     "folder may hold short videos (.mp4/.webm/.mov/.mkv/.avi) and folders of frames, "
+                                     "each with a same-named .txt caption; 1 trains on images and each clip's first "
+                                     "frame."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the new LoRA at its trained scale."),
@@ -316,13 +322,17 @@ class TDDDistill(TDDNode):
     @classmethod
     def distill(cls, model, clip, vae, images, method, preset, steps, batch, lr, rank, seed, resolution,
                 lora_name, resume, overwrite, image_batch=None, captions="", gradient_checkpointing=False,
-                precision="auto", base_dtype="auto") -> io.NodeOutput:
+                precision="auto", base_dtype="auto", frames=1) -> io.NodeOutput:
         cls.check_values(method=method, preset=preset, steps=steps, batch=batch, lr=lr, rank=rank, seed=seed,
                          resolution=resolution, precision=precision, base_dtype=base_dtype)
         problem = lora_name_problem(lora_name)
         if problem:
             raise ValueError(f"TDD Distill: {problem}")
         data, models = trainer_module("data"), trainer_module("models")
+        family_problem = trainer_module("families").family_problem(  # classes only: before any work
+            model.model, model.get_model_object("model_sampling"))
+        if family_problem:
+            raise ValueError(f"TDD Distill: {family_problem}")
         if images == BATCH_CHOICE:
             if image_batch is None:
                 raise ValueError(f"TDD Distill: images is {BATCH_CHOICE} but nothing is wired into image_batch; "
@@ -339,7 +349,7 @@ class TDDDistill(TDDNode):
         cfg = training_config(folder=folder, out="", run_dir="", method=method, preset=preset, steps=steps,
                               batch=batch, lr=lr, rank=rank, seed=seed, resolution=resolution,
                               gradient_checkpointing=gradient_checkpointing, precision=precision,
-                              base_dtype=base_dtype)
+                              base_dtype=base_dtype, frames=frames)
         items, _ = data.scan(folder, warn=False)  # the trainer warns about bad files when it scans again
         comfy.model_management.load_models_gpu([model])  # the host applies the model's own patches first
         release_inference_tensors(model.model)

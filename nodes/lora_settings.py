@@ -8,7 +8,9 @@ TDD LoRAs carry no metadata, so their settings come from the model family the Lo
 * FLUX.1-dev: 8 steps, eta 0, FLUX guidance 2.0 -- the reference's FLUX example is diffusers'
   FluxPipeline, a deterministic Euler sampler on FLUX's shifted schedule; on FLUX the TDD schedule
   is that schedule and the TDD step with eta 0 is that Euler step (tests/test_lora_settings.py);
-* SVD-xt 1.1: 4 steps, eta 0.3, minimum guidance 1.0 (the reference's SVD demo).
+* SVD-xt 1.1: 4 steps, eta 0.3, minimum guidance 1.0 (the reference's SVD demo);
+* the later families the trainer distils (FLUX.2, SD3, Qwen-Image, Lumina 2, Chroma, Wan, HunyuanVideo,
+  AuraFlow, ...): the pack's recipe by guidance kind (docs/families.md).
 
 Anything else without metadata gets the generic TDD defaults (4 steps, eta 0.2, guidance 1.7).
 Each value remembers where it came from, for the loader's ``info`` output.
@@ -31,6 +33,16 @@ FAMILY_SETTINGS = {
     "flux": (8, 0.0, 2.0, "FLUX guidance (FluxGuidance)",
              "TDD reference FLUX example: FluxPipeline's deterministic Euler = eta 0; eta 0.2 is an option to try"),
     "svd": (4, 0.3, 1.0, "minimum guidance (VideoLinearCFGGuidance min_cfg)", "TDD reference SVD demo"),
+    # families without a released TDD LoRA (docs/families.md): the trainer's recipe by guidance kind.
+    # Guidance-embedded transformers sample as FLUX.1 does (one pass per step, the embedding's value):
+    **{name: (8, 0.0, 2.0, "guidance embedding (FluxGuidance)",
+              "the pack's FLUX.1 recipe for guidance-embedded families (no released TDD LoRA)")
+       for name in ("flux2", "hunyuanvideo")},
+    # CFG families: TDD's 4 steps, eta 0.2, CFG 1.7 (TDD Guidance against the empty prompt)
+    **{name: (4, 0.2, 1.7, "CFG scale (TDD Guidance / KSampler cfg)",
+              "the pack's TDD defaults for CFG families (no released TDD LoRA)")
+       for name in ("sd3", "qwenimage", "lumina2", "zimage", "chroma", "wan21_t2v", "wan22_t2v", "auraflow",
+                    "hidream", "hunyuanvideo15", "ltxv")},
 }
 GENERIC_SETTINGS = (4, 0.2, 1.7, "CFG scale (TDD Guidance / KSampler cfg)",
                     "TDD defaults (no tdd_* metadata, model family without a released TDD LoRA)")
@@ -87,7 +99,8 @@ class Recommended:
 
 
 def model_family(model) -> str | None:
-    """The released-TDD family of a host ModelPatcher's model: "sdxl", "flux", "svd" or None."""
+    """The family of a host ModelPatcher's model in :data:`FAMILY_SETTINGS`: "sdxl", "flux", "svd", or
+    the host config's name of a later family ("flux2", "sd3", "qwenimage", "wan21_t2v", ...); else None."""
     base = model.model
     if isinstance(base, comfy.model_base.Flux) and not isinstance(base, LATER_FLUX):
         return "flux"
@@ -95,7 +108,8 @@ def model_family(model) -> str | None:
         return "svd"
     if isinstance(base, comfy.model_base.SDXL):
         return "sdxl"
-    return None
+    name = type(getattr(base, "model_config", None)).__name__.lower()
+    return name if name in FAMILY_SETTINGS else None
 
 
 def released_format(keys) -> str | None:

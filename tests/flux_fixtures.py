@@ -41,7 +41,8 @@ FLUX_VAE_SCALE, FLUX_VAE_SHIFT = 0.3611, 0.1159  # comfy.latent_formats.Flux (wh
 
 UNET_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": TEXT_DIM,
                "context_in_dim": TEXT_DIM, "hidden_size": WIDTH, "mlp_ratio": 4.0, "num_heads": HEADS, "depth": 2,
-               "depth_single_blocks": 2, "axes_dim": AXES, "theta": 10000, "qkv_bias": True, "guidance_embed": True}
+               "depth_single_blocks": 2, "axes_dim": AXES, "theta": 10000, "qkv_bias": True, "guidance_embed": True,
+               "txt_ids_dims": []}  # FLUX.1 has no text position ids (ComfyUI 0.33 asks for the field)
 #: FLUX.1-dev's own transformer config (for meta-device tests; no weights).
 FLUX_DEV_CONFIG = dict(UNET_CONFIG, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=19,
                        depth_single_blocks=38, axes_dim=[16, 56, 56])

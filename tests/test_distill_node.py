@@ -358,13 +358,14 @@ def test_shipped_distill_workflow_beats_the_teacher_at_4_steps(server, comfy_bas
 
 
 def test_unsupported_model_family_is_refused_naming_the_supported_ones(server, images):
-    """A flow-matching model other than FLUX.1-dev (here the demo model switched to SD3's flow
-    sampling by the stock ModelSamplingSD3 node) is refused with the families the trainer supports."""
+    """A model the distillation can't serve (here the demo model switched to LCM's x0 sampling by the
+    stock ModelSamplingDiscrete node: already distilled) is refused by name with the families the
+    trainer supports."""
     graph = distill_graph("unsupported_family")
-    graph["5"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    graph["5"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "lcm", "zsnr": False}}
     graph["2"]["inputs"]["model"] = ["5", 0]
     text = failure(server, graph)
-    assert "flow-matching" in text and "SD1.5, SD2.x or SDXL" in text, text
+    assert "unsupported teacher SD15" in text and "LCM sampling" in text and "SD1.5, SD2.x, SDXL" in text, text
 
 
 def test_training_leaves_the_loaded_model_unpatched(server, comfy_base, images):

@@ -13,7 +13,7 @@ import torch
 import flux_fixtures as ff
 import trainer_fixtures as fx
 
-from trainer.algorithm import Cond, SampleDraws, StepConfig, TargetSampler, compute_loss, draw_batch
+from trainer.algorithm import Cond, SampleDraws, TargetSampler, draw_batch
 from trainer.checkpoint import ResumeError
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.distill import main
@@ -21,7 +21,8 @@ from trainer.flow import FLUX_DEFAULTS, FlowSchedule, flow_sigmas
 from trainer.lora import LoRANetwork
 from trainer.lora_format import read_header_metadata, read_tdd_metadata
 from trainer.loop import train
-from trainer.models import FluxTeacher, Teacher, TeacherError, flux_lora_targets, from_components, load_teacher
+from trainer.families.targets import peft_file_keys
+from trainer.models import Teacher, TeacherError, flux_lora_targets, from_components, load_teacher
 
 pytestmark = pytest.mark.usefixtures("trainer_host")
 tensors = fx.lora_tensors
@@ -94,9 +95,7 @@ def test_flux_dev_module_set_and_every_key_maps():
     kinds = sorted({p.split(".", 2)[-1] if "blocks" in p else p for p in paths.values()})
     assert kinds == ["attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v", "ff.net.0.proj", "ff.net.2", "proj_out"]
     network = LoRANetwork(targets, rank=2, alpha=1)
-    teacher = object.__new__(FluxTeacher)  # only its file naming is used here
-    teacher._lora_paths = paths
-    keys = teacher.lora_file_keys(network.kohya_state_dict())
+    keys = peft_file_keys(network.kohya_state_dict(), paths)  # the FLUX row's file naming
     assert len(keys) == 3 * 267 and all(k.startswith("transformer.") for k in keys)
     assert {".".join(k.split(".")[-2:]) if k.endswith("weight") else "alpha" for k in keys} == \
         {"lora_A.weight", "lora_B.weight", "alpha"}
@@ -117,28 +116,11 @@ def test_flux_dev_module_set_and_every_key_maps():
 # ---------------------------------------------------------------------------------------------
 def test_loss_falls_on_a_fixed_batch(flux):
     teacher = from_components(*flux)
-    network = LoRANetwork(teacher.lora_targets(), rank=4, alpha=4, seed=0).attach()
-    try:
-        opt = torch.optim.AdamW(network.parameters(), lr=3e-3)
-        px = torch.rand(2, 3, ff.RESOLUTION, ff.RESOLUTION, generator=torch.Generator().manual_seed(1))
-        x0 = teacher.encode_images(px)
-        ctx, pooled = teacher.encode_text(["a red square", "a blue circle"])
-        cond = teacher.make_cond(ctx, pooled, ff.RESOLUTION, ff.RESOLUTION)
-        draws = draw_batch(TargetSampler("tdd"), 0, [0, 1], x0.shape[1:], 0.0)
-        sched = teacher.schedule(TrainConfig())
-
-        def frozen(z, t, c):
-            with network.disabled():
-                return teacher.x0(z, t, c)
-        losses = []
-        for _ in range(8):
-            loss = compute_loss(teacher.x0, frozen, x0, cond, cond, draws, sched, StepConfig(loss="l2"))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss.detach()))
-    finally:
-        network.detach_hooks()
+    px = torch.rand(2, 3, ff.RESOLUTION, ff.RESOLUTION, generator=torch.Generator().manual_seed(1))
+    x0 = teacher.encode_images(px)
+    ctx, pooled = teacher.encode_text(["a red square", "a blue circle"])
+    cond = teacher.make_cond(ctx, pooled, ff.RESOLUTION, ff.RESOLUTION)
+    losses = fx.fixed_batch_losses(teacher, x0, cond, cond, steps=8, lr=3e-3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
 
 
@@ -348,7 +330,7 @@ def test_file_forms_load_as_the_same_model(flux, flux_files):
         parts = load_teacher(None, dtype=torch.float32, device="cpu", unet=str(flux_files["unet"]),
                              clip=[str(flux_files["clip_l"]), str(flux_files["t5xxl"])], vae=str(flux_files["vae"]))
     for t, tol in ((allin, 1e-4), (parts, 5e-2)):                      # the bf16 diffusion-model file rounds
-        assert t.arch == "flux" and type(t).__name__ == "FluxTeacher"
+        assert t.arch == "flux" and t.row.lora == "flux-peft" and t.embedded_guidance
         assert t.text_tokens == 256                                    # the host pads FLUX prompts to 256 T5 tokens
         _reduced_prompt_length(t)
         c, p = t.encode_text(["a red square"])                         # the host loads text encoders in fp16

@@ -100,6 +100,36 @@ def lora_tensors(path) -> dict:
     return load_file(str(path))
 
 
+def fixed_batch_losses(teacher, x0, cond, uncond, steps: int, lr: float) -> list[float]:
+    """The TDD loss (L2) of one fixed batch over ``steps`` AdamW steps of a fresh rank-4 LoRA on ``teacher``
+    (the same draws every step: a falling loss means the student learns the teacher's targets)."""
+    import torch
+
+    from trainer.algorithm import StepConfig, TargetSampler, compute_loss, draw_batch
+    from trainer.config import TrainConfig
+    from trainer.lora import LoRANetwork
+
+    network = LoRANetwork(teacher.lora_targets(), rank=4, alpha=4, seed=0).attach()
+    try:
+        opt = torch.optim.AdamW(network.parameters(), lr=lr)
+        draws = draw_batch(TargetSampler("tdd"), 0, list(range(x0.shape[0])), x0.shape[1:], 0.0)
+        sched = teacher.schedule(TrainConfig())
+
+        def frozen(z, t, c):
+            with network.disabled():
+                return teacher.x0(z, t, c)
+        losses = []
+        for _ in range(steps):
+            loss = compute_loss(teacher.x0, frozen, x0, cond, uncond, draws, sched, StepConfig(loss="l2"))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    finally:
+        network.detach_hooks()
+    return losses
+
+
 def subprocess_env() -> dict:
     """Environment for trainer subprocesses: one thread each, no inherited torchrun variables."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -184,7 +214,7 @@ def meta_flux():
     unet_config = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
                    "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
                    "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
-                   "guidance_embed": True}
+                   "guidance_embed": True, "txt_ids_dims": []}
     config = comfy.supported_models.Flux(unet_config)
     config.set_inference_dtype(torch.float32, None)
     return config.get_model({}, "model.", device=torch.device("meta"))

@@ -155,31 +155,60 @@ def draw_batch(sampler: TargetSampler, seed: int, global_indices, latent_shape, 
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Cond:
-    """Cross-attention context [B, L, D]; for SDXL-style models the ADM vector ``y`` [B, A] (FLUX: the
-    pooled CLIP-L vector); for FLUX the guidance embedding's value per sample [B]."""
+    """A batch's model conditioning, as the host's ``extra_conds`` gave it: cross-attention states
+    ``context`` [B, L, D]; ``y`` (SDXL's ADM vector, FLUX's pooled CLIP-L vector...); the guidance
+    embedding's value per sample [B] for guidance-embedded families; ``extra``: any other model input
+    of the family (attention masks, token counts...; tensors batched on dim 0, or per-batch constants)."""
 
     context: torch.Tensor
     y: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
+    extra: dict | None = None
+
+    def _map_extra(self, fn, other: "Cond | None" = None) -> dict | None:
+        if not self.extra:
+            return self.extra
+        return {k: fn(v, None if other is None else other.extra[k]) if torch.is_tensor(v) else v
+                for k, v in self.extra.items()}
 
     def cat(self, other: "Cond") -> "Cond":
         y = None if self.y is None else torch.cat([self.y, other.y])
         g = None if self.guidance is None else torch.cat([self.guidance, other.guidance])
-        return Cond(torch.cat([self.context, other.context]), y, g)
+        return Cond(torch.cat([self.context, other.context]), y, g,
+                    self._map_extra(lambda a, b: torch.cat([a, b]), other))
 
     def where(self, mask: torch.Tensor, other: "Cond") -> "Cond":
         """Per sample: ``other``'s text where ``mask`` is true, else ``self``'s (guidance stays ``self``'s)."""
         m = mask.to(self.context.device)
-        ctx = torch.where(m.view(-1, 1, 1), other.context.expand_as(self.context), self.context)
-        y = None if self.y is None else torch.where(m.view(-1, 1), other.y.expand_as(self.y), self.y)
-        return Cond(ctx, y, self.guidance)
+
+        def pick(a, b):
+            return torch.where(m.view(-1, *[1] * (a.ndim - 1)), b.expand_as(a), a)
+        ctx = pick(self.context, other.context)
+        y = None if self.y is None else pick(self.y, other.y)
+        return Cond(ctx, y, self.guidance, self._map_extra(pick, other))
+
+    def expand(self, n: int) -> "Cond":
+        """A one-sample conditioning repeated to ``n`` samples (views, no copies)."""
+        rep = lambda v: None if v is None else v.expand(n, *v.shape[1:])  # noqa: E731
+        return Cond(rep(self.context), rep(self.y), rep(self.guidance), self._map_extra(lambda a, _: rep(a)))
 
     def with_guidance(self, guidance: torch.Tensor) -> "Cond":
-        return Cond(self.context, self.y, guidance.to(self.context.device))
+        return Cond(self.context, self.y, guidance.to(self.context.device), self.extra)
 
     def to(self, device) -> "Cond":
         move = lambda v: None if v is None else v.to(device)  # noqa: E731
-        return Cond(self.context.to(device), move(self.y), move(self.guidance))
+        return Cond(self.context.to(device), move(self.y), move(self.guidance), self._map_extra(lambda a, _: a.to(device)))
+
+    def model_kwargs(self) -> dict:
+        """The host's ``apply_model`` keyword arguments: ``c_crossattn``, then ``y``/``guidance`` when set,
+        then the extras."""
+        kwargs = {"c_crossattn": self.context}
+        if self.y is not None:
+            kwargs["y"] = self.y
+        if self.guidance is not None:
+            kwargs["guidance"] = self.guidance
+        kwargs.update(self.extra or {})
+        return kwargs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,6 +189,13 @@ MIN_PROMPTS = 8
 FLOOR_PROMPTS = 4
 
 
+def guidance_family(teacher) -> str:
+    """The family as calibration sees it: ``"flux"`` for a guidance-embedded one (FLUX.1-dev, FLUX.2,
+    HunyuanVideo: FLUX's sweep of the embedding, one pass per step, FLUX's recommended steps), else its
+    arch (CFG against the empty prompt)."""
+    return "flux" if getattr(teacher, "embedded_guidance", teacher.arch == "flux") else teacher.arch
+
+
 def guidance_passes(arch: str, guidance: float) -> int:
     """Model evaluations per image and sampler step at ``guidance``: CFG against the empty prompt
     evaluates twice (``guidance`` 1: once); FLUX's guidance embedding once."""
@@ -410,7 +417,7 @@ class Calibrator:
 
     def _counted(self, model, guidance: float):
         """``model`` with every call checked for a stop request first and counted after."""
-        passes = guidance_passes(self.teacher.arch, guidance)
+        passes = guidance_passes(guidance_family(self.teacher), guidance)
 
         def counted(x, sigma, **kwargs):
             self.monitor.before()
@@ -487,11 +494,11 @@ def calibrate_lora(teacher, lora: Callable[[bool], ContextManager], captions: li
     """Calibrate one LoRA on ``teacher`` (the trainer at the end of a run, the CLI, the quality bench):
     the family's sweep (``steps`` overrides its step counts) around the method's own settings, whose
     step count becomes the recommended one; or ``plan``'s sweep (:func:`plan_for_run`)."""
-    rec_steps, rec_eta = _recommended(teacher.arch, method, kmin, kmax)
+    rec_steps, rec_eta = _recommended(guidance_family(teacher), method, kmin, kmax)
     if plan is not None:
         sweep = plan.sweep
     else:
-        family = Sweep.for_family(teacher.arch, method, steps)
+        family = Sweep.for_family(guidance_family(teacher), method, steps)
         sweep = Sweep(family.steps, family.guidances, family.etas, search)
     calibrator = Calibrator(teacher, lora, captions, resolution, seed=seed, batch=batch,
                             reference_guidance=reference_guidance, monitor=monitor)
@@ -599,7 +606,7 @@ def main(argv=None) -> int:
                 else list(GENERIC_PROMPTS))
     reference_guidance = (teacher.default_reference_guidance() if args.reference_guidance is None
                           else args.reference_guidance)
-    plan = plan_for_run(teacher.arch, method, kmin, kmax, 0, reference_guidance, prompts=args.prompts,
+    plan = plan_for_run(guidance_family(teacher), method, kmin, kmax, 0, reference_guidance, prompts=args.prompts,
                         steps=tuple(args.steps) if args.steps else None, search=args.search)
     log.info("calibrating: %s", plan.describe())
     with _progress_bar(plan.evaluations) as progress:

@@ -76,6 +76,7 @@ class TrainConfig:
     cache_dir: str | None = None
     num_workers: int = 2
     center_crop: bool = False           # default: a random crop per sample (the reference's)
+    frames: int = 1                     # frames per training clip (video families); 1: images and first frames
     strict_data: bool = False           # a bad image or caption is an error before training, not skipped
     preset: str | None = None           # trainer/presets/<name>.toml under the TOML file and the flags
     # bookkeeping
@@ -131,6 +132,8 @@ class TrainConfig:
             bad(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             bad(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if int(self.frames) < 1:
+            bad(f"--frames must be >= 1, got {self.frames}")
         if self.base_dtype not in BASE_DTYPES:
             bad(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.save_dtype not in ("fp16", "bf16", "fp32"):
@@ -187,6 +190,8 @@ class TrainConfig:
             fields.update(adversarial=True, adv_weight=float(self.adv_weight), adv_lr=float(self.adv_lr))
         if self.center_crop:  # (absent when off, as above)
             fields["center_crop"] = True
+        if self.frames != 1:
+            fields["frames"] = int(self.frames)
         for name, dtype in zip(("precision", "base_dtype"), precision):
             if dtype != "fp32":  # (absent for fp32, as above)
                 fields[name] = dtype
@@ -209,15 +214,17 @@ class TrainConfig:
             self.grad_accum = self.accumulate_to // per_step
         return self
 
-    def apply_family_defaults(self, arch: str) -> "TrainConfig":
+    def apply_family_defaults(self, arch: str, defaults: str | None = None, flow: bool | None = None) -> "TrainConfig":
         """Fill the settings left unset (None) with the teacher family's defaults; refuse what the family
-        can't do. Called once the teacher is loaded, before the run's fingerprint."""
-        family = "flux" if arch == "flux" else "sd"
+        can't do. Called once the teacher is loaded, before the run's fingerprint. ``defaults``: "sd" or
+        "flux" (default: by ``arch``); ``flow``: a flow-matching family (default: FLUX.1)."""
+        family = defaults or ("flux" if arch == "flux" else "sd")
+        flow = (arch == "flux") if flow is None else flow
         for name, value in FAMILY_DEFAULTS[family].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if family == "flux" and self.method not in FLUX_METHODS:
-            raise ConfigError(f"--method {self.method} is not supported for flow-matching (FLUX) teachers: its "
+        if flow and self.method not in FLUX_METHODS:
+            raise ConfigError(f"--method {self.method} is not supported for flow-matching ({arch.upper()}) teachers: its "
                               "boundary conditions belong to the discrete DDPM schedule; use --method tdd (default) "
                               "or tcd")
         return self
@@ -276,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cache_dir": "cache VAE posteriors (mean, log-variance) and text embeddings here (computed once, reused by "
                      "later runs; a fresh latent is drawn from the posterior for every sample)",
         "center_crop": "crop each image's centre instead of a random crop per sample (the reference's default)",
+        "frames": "frames per training clip for video families: video files (.mp4/.webm/.mov/.mkv/.avi) and folders of "
+                  "frames captioned by a same-named .txt; 1 (default) trains on images and each clip's first frame",
         "precision": "autocast precision: auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU), fp32, bf16, fp16",
         "base_dtype": "storage dtype of the frozen base model: auto (fp32, as the reference), or bf16/fp16/fp8 to "
                       "save memory (noisier targets: see docs/trainer.md)",

@@ -28,6 +28,8 @@ from .algorithm import sample_generator
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: Short video clips decoded with PyAV (what ComfyUI's own video loading uses).
+VIDEO_EXTS = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
 
 
 class DataError(ValueError):
@@ -43,6 +45,7 @@ class Item:
     path: str
     caption: str
     size: tuple[int, int] = (0, 0)  # (height, width) in pixels, as read at scan time
+    frames: int = 1                 # a clip's frames (a video file, or a folder of frames); an image is 1
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,23 @@ def _read_caption(img: Path, cap: Path) -> tuple[str | None, BadFile | None]:
                                        f"offset {e.start}); save it as UTF-8")
 
 
+def _frame_folders(root: Path) -> list[Path]:
+    """Sub-folders of ``root`` that are clips: a folder of frames with a same-named .txt caption beside it
+    (``clip1/`` + ``clip1.txt``)."""
+    return sorted(d for d in root.rglob("*") if d.is_dir() and d.with_suffix(".txt").is_file()
+                  and any(f.suffix.lower() in IMAGE_EXTS for f in d.iterdir()))
+
+
 def _scan_folder(root: Path) -> tuple[list[Item], list[BadFile]]:
+    """Images and video clips with same-named .txt captions, and folders of frames captioned beside them."""
     try:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        clips = _frame_folders(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS
+                       and not any(c in p.parents for c in clips))
     except PermissionError as e:
         raise DataError(f"cannot read data folder {root}: {e}; fix its permissions") from None
     items, bad, missing = [], [], []
-    for img in files:
+    for img in sorted(files + clips):
         cap = img.with_suffix(".txt")
         if not cap.is_file():
             missing.append(img)
@@ -142,11 +155,11 @@ def scan(data, strict: bool = False, workers: int = 1, warn: bool = True) -> tup
         raise DataError(f"--data {root} is neither a folder nor a .jsonl file")
     good = []
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-        for it, (size, problem) in zip(items, pool.map(inspect_image, [it.path for it in items])):
+        for it, (size, problem, frames) in zip(items, pool.map(inspect_item, [it.path for it in items])):
             if problem:
                 bad.append(BadFile(it.path, problem))
             else:
-                good.append(Item(it.path, it.caption, size))
+                good.append(Item(it.path, it.caption, size, frames))
     bad.sort(key=lambda b: b.path)
     if bad and strict:
         raise DataError(f"--strict-data: {len(bad)} bad file(s) in {root}: {describe_bad(bad)}. Fix or remove "
@@ -160,6 +173,45 @@ def scan(data, strict: bool = False, workers: int = 1, warn: bool = True) -> tup
         log.warning("skipped %d of %d training images (named above); --strict-data makes that an error",
                     len(bad), len(bad) + len(good))
     return good, bad
+
+
+def frame_paths(folder: str) -> list[str]:
+    """The frames of a frame folder, in name order."""
+    return [str(f) for f in sorted(Path(folder).iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+
+
+def decode_video(path: str, frames: int | None = None) -> list[np.ndarray]:
+    """The first ``frames`` (all: None) RGB frames of a video file, with PyAV."""
+    import av
+
+    out = []
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if frames is not None and len(out) >= frames:
+                break
+    return out
+
+
+def inspect_item(path: str) -> tuple[tuple[int, int] | None, str | None, int]:
+    """((height, width), None, frames) for an image, a frame folder or a video that decodes, or (None, why, 0)."""
+    if os.path.isdir(path):
+        frames = frame_paths(path)
+        for f in frames:
+            size, problem = inspect_image(f)
+            if problem:
+                return None, f"frame {os.path.basename(f)}: {problem}", 0
+        return size, None, len(frames)
+    if Path(path).suffix.lower() in VIDEO_EXTS:
+        try:
+            decoded = decode_video(path)
+        except Exception as e:  # av raises its own error types for broken containers
+            return None, f"not a video PyAV can decode ({type(e).__name__}: {e})", 0
+        if not decoded:
+            return None, "a video without frames", 0
+        return decoded[0].shape[:2], None, len(decoded)
+    size, problem = inspect_image(path)
+    return size, problem, 1 if problem is None else 0
 
 
 def inspect_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
@@ -206,6 +258,37 @@ def load_image(path: str, resolution: int, multiple: int = 8) -> torch.Tensor:
     return x[0, :, :h // multiple * multiple, :w // multiple * multiple].clamp(0, 1)
 
 
+def _resized(x: torch.Tensor, resolution: int, multiple: int) -> torch.Tensor:
+    """[N, 3, H, W] -> shorter side ``resolution`` (antialiased, kornia), longer side trimmed to ``multiple``."""
+    import kornia
+
+    h, w = x.shape[-2:]
+    if min(h, w) != resolution:
+        x = kornia.geometry.transform.resize(x, resolution, side="short", antialias=True)
+    h, w = x.shape[-2:]
+    return x[..., :h // multiple * multiple, :w // multiple * multiple].clamp(0, 1)
+
+
+def load_clip(path: str, resolution: int, frames: int, multiple: int = 8) -> torch.Tensor:
+    """[3, T, R, W'] in [0, 1]: the first ``frames`` frames of a video file or frame folder (an image is a
+    1-frame clip), each resized as :func:`load_image` does."""
+    from PIL import Image
+
+    if os.path.isdir(path):
+        arrays = []
+        for f in frame_paths(path)[:frames]:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+    elif Path(path).suffix.lower() in VIDEO_EXTS:
+        arrays = decode_video(path, frames)
+    else:
+        return load_image(path, resolution, multiple)[:, None]
+    if len(arrays) < frames:
+        raise ValueError(f"{len(arrays)} frames, fewer than the {frames} the run trains on")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
+    return _resized(x, resolution, multiple).permute(1, 0, 2, 3).contiguous()
+
+
 def crop_offsets(latent_hw: tuple[int, int], size: int, gen: torch.Generator | None) -> tuple[int, int]:
     """(top, left) of a ``size`` x ``size`` crop of a ``latent_hw`` latent: uniform with ``gen``, centred without."""
     h, w = latent_hw
@@ -230,11 +313,19 @@ def global_order(seed: int, counter: int, n: int) -> int:
     return int(torch.randperm(n, generator=gen)[pos])
 
 
+def same_length(*contexts: torch.Tensor) -> list[torch.Tensor]:
+    """Text states [B, L, D] padded with zeros to the longest L, so captions of text encoders whose
+    output length varies (LLM encoders; CLIP always gives 77) batch together."""
+    longest = max(c.shape[1] for c in contexts)
+    return [c if c.shape[1] == longest else torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1]))
+            for c in contexts]
+
+
 class TrainData:
     """Items + encoding (VAE/CLIP through the teacher) + optional cache; yields x0 latents and text states."""
 
     def __init__(self, items: list[Item], teacher, resolution: int, cache_dir: str | None = None,
-                 num_workers: int = 2, skipped: int = 0, seed: int = 0, center_crop: bool = False):
+                 num_workers: int = 2, skipped: int = 0, seed: int = 0, center_crop: bool = False, frames: int = 1):
         small = [it for it in items if 0 < min(it.size) < resolution]
         if small:
             h, w = small[0].size
@@ -242,7 +333,13 @@ class TrainData:
                             f"{small[0].path} ({w}x{h}): train at a --resolution of at most "
                             f"{min(min(it.size) for it in small) // 8 * 8}, or upscale or remove those images")
         self.items, self.teacher, self.resolution = items, teacher, resolution
-        self.seed, self.center_crop = seed, center_crop
+        self.seed, self.center_crop, self.frames = seed, center_crop, int(frames)
+        short = [it for it in items if it.frames < self.frames]
+        if short:
+            raise DataError(f"{len(short)} training item(s) have fewer than the {self.frames} frames the run trains on, "
+                            f"e.g. {short[0].path} ({short[0].frames}): lower --frames (1 mixes images and clips: each "
+                            "clip's first frame), or remove them")
+        self.video = self.frames > 1 or getattr(teacher, "latent_dims", 2) == 3
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.skipped = skipped
         self.bad: set[int] = set()
@@ -256,12 +353,15 @@ class TrainData:
     def _cache_path(self, i: int) -> Path:
         it = self.items[i]
         st = os.stat(it.path)
-        key = f"posterior|{self.teacher.fingerprint}|{self.resolution}|{os.path.abspath(it.path)}|{st.st_mtime_ns}|{st.st_size}|{it.caption}"
+        frames = f"|{self.frames}f" if self.video else ""
+        key = (f"posterior|{self.teacher.fingerprint}|{self.resolution}{frames}|{os.path.abspath(it.path)}|{st.st_mtime_ns}|"
+               f"{st.st_size}|{it.caption}")
         return self.cache_dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
 
     def _pixels(self, i: int) -> torch.Tensor | None:
         try:
-            return load_image(self.items[i].path, self.resolution, self.teacher.latent_factor)
+            clip = load_clip(self.items[i].path, self.resolution, self.frames, self.teacher.latent_factor)
+            return clip if self.video else clip[:, 0]   # an image family: an image, or a clip's first frame
         except (OSError, ValueError, SyntaxError) as e:
             if i not in self.bad:
                 self.bad.add(i)
@@ -341,14 +441,14 @@ class TrainData:
             rec = recs[i]
             gen = sample_generator(self.seed, g, "data")
             top, left = crop_offsets(tuple(rec["mean"].shape[-2:]), size, None if self.center_crop else gen)
-            mean = rec["mean"][:, top:top + size, left:left + size]
-            std = torch.exp(0.5 * rec["logvar"][:, top:top + size, left:left + size])
+            mean = rec["mean"][..., top:top + size, left:left + size]   # [C, (T,) h, w]
+            std = torch.exp(0.5 * rec["logvar"][..., top:top + size, left:left + size])
             latents.append(mean + std * torch.randn(mean.shape, generator=gen))
             oh, ow = (int(v) for v in rec["size"])
             geometry.append((oh, ow, top * f, left * f))
         x0 = self.teacher.latent_in(torch.stack(latents))
         pooled = torch.stack([recs[i]["pooled"] for i in indices]) if "pooled" in recs[indices[0]] else None
-        return x0, torch.stack([recs[i]["context"] for i in indices]), pooled, geometry
+        return x0, torch.cat(same_length(*[recs[i]["context"][None] for i in indices])), pooled, geometry
 
     def precompute(self, rank: int = 0, world: int = 1, batch: int = 8) -> None:
         """Fill the cache (each process a strided share); undecodable images are found and counted here."""

@@ -1,7 +1,9 @@
 """Flow-matching teachers (FLUX.1): the noise levels, student move and teacher step of docs/method.md §5.1.
 
 No ComfyUI here: the host side (loading FLUX, its text encoders and VAE, calling the transformer)
-lives in the model seam, :class:`trainer.models.FluxTeacher`.
+lives in the model seam, :class:`trainer.families.teacher.Teacher`. Every flow-matching family goes
+through this schedule: FLUX.1 on its unshifted grid, the others on the host's (shifted) noise table,
+with CFG against the empty prompt where the family has no guidance embedding.
 
 The algebra is :class:`tdd_core.spaces.FlowMatching`, the one the TDD sampler uses:
 ``x = (1 - sigma) x0 + sigma n``; the host's FLUX model returns ``x0 = x - sigma v``, so moving a state
@@ -54,9 +56,11 @@ class FlowSchedule:
 
     space = FlowMatching()
 
-    def __init__(self, guidance_range: tuple[float, float] | None = None):
-        self.sigmas = flow_sigmas()
+    def __init__(self, guidance_range: tuple[float, float] | None = None, sigmas: torch.Tensor | None = None,
+                 cfg: bool = False):
+        self.sigmas = flow_sigmas() if sigmas is None else sigmas.detach().double().cpu()
         self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
+        self.cfg = bool(cfg)
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``sigma_t`` for integer timesteps ``t`` [B], shaped to broadcast against ``like``."""
@@ -81,6 +85,11 @@ class FlowSchedule:
         return cond.with_guidance(lo + (hi - lo) * draws.u_guidance.to(cond.context.device, torch.float32))
 
     def teacher_step(self, teacher, x, t, t_prev, cond, uncond, w: float):
-        """§5.1: the LoRA-off transformer, one pass (no CFG; ``uncond`` and ``w`` are unused), and one
-        Euler step ``t -> t'``."""
-        return self.move_to(x, teacher(x, t, cond), t, t_prev)
+        """§5.1: the LoRA-off transformer and one Euler step ``t -> t'``: one pass with the guidance
+        embedding (``uncond`` and ``w`` unused), or, for a CFG family (``cfg``), cond and uncond in one
+        batched pass guided as the discrete teacher is (LCM convention ``x0_c + w (x0_c - x0_u)``; the
+        Euler step of the guided x0 is the step of the guided velocity)."""
+        if not self.cfg:
+            return self.move_to(x, teacher(x, t, cond), t, t_prev)
+        x0_c, x0_u = teacher(torch.cat([x, x]), torch.cat([t, t]), cond.cat(uncond)).chunk(2)
+        return self.move_to(x, x0_c + w * (x0_c - x0_u), t, t_prev)

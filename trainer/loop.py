@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import adversarial, calibrate, checkpoint, data, guards, models
+from . import adversarial, calibrate, checkpoint, data, guards, memory, models
 from .algorithm import (StepConfig, TargetSampler, compute_loss, draw_batch, loss_fn,
                         prediction_and_target)
 from .config import ConfigError, TrainConfig, fingerprint
@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           **({"fp8": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {})}
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a run may use on ``device``: the GPU's total memory, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+    return int(psutil.virtual_memory().total)
 
 
 def pick_device(device_pref: str, local_rank: int = 0) -> torch.device:
@@ -287,7 +295,8 @@ class Run:
         self.items, self.bad_files = data.scan(cfg.data, strict=cfg.strict_data, workers=max(1, cfg.num_workers))
         self._refuse_foreign_out()
         self.teacher = teacher = _as_teacher(components, cfg, DTYPES[self.base_dtype], self.device).to(self.device)
-        cfg.apply_family_defaults(teacher.arch)  # unset loss/lr/... take the family's defaults (FLUX: §5.1)
+        # unset loss/lr/... take the family's defaults (FLUX: §5.1)
+        cfg.apply_family_defaults(teacher.arch, teacher.row.defaults, teacher.flow)
         warning = guards.lr_samples_warning(cfg.lr, cfg.global_batch, cfg.max_steps)
         if warning and self.main:
             log.warning("%s", warning)
@@ -300,12 +309,14 @@ class Run:
             for p in remove_stale_temps(self.run_dir) + remove_stale_temps(self.out_path.parent, {self.out_path.name}):
                 log.info("removed %s, left by a process killed while writing it", p)
         self.data = data.TrainData(self.items, teacher, self.resolution, cfg.cache_dir, cfg.num_workers,
-                                   skipped=len(self.bad_files), seed=cfg.seed, center_crop=cfg.center_crop)
+                                   skipped=len(self.bad_files), seed=cfg.seed, center_crop=cfg.center_crop,
+                                   frames=cfg.frames)
         if self.main:
             log.info("teacher %s (%s, %s-prediction); %d images at %dpx (%d undecodable skipped); %d process(es)",
                      teacher.name, teacher.arch, teacher.prediction, len(self.items), self.resolution,
                      len(self.bad_files), ddp.world)
         self.network = LoRANetwork(teacher.lora_targets(), cfg.rank, cfg.alpha, seed=cfg.seed).to(self.device).attach()
+        self._check_fits()  # before the first step: a clear error naming the option to try
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(teacher.checkpoint_blocks())
         self.params = list(self.network.parameters())
@@ -343,6 +354,18 @@ class Run:
             log.info("--fsdp: the frozen base is sharded over %d processes: %.1f M of its %.1f M parameters in "
                      "each", self.ddp.world, local / 1e6, total / 1e6)
         return True
+
+    def _check_fits(self) -> None:
+        """Refuse a run whose memory estimate (trainer/memory.py, from the model's parameter counts)
+        exceeds the device's memory, naming the option that would make it fit."""
+        cfg, teacher = self.cfg, self.teacher
+        size = teacher.model_size(self.resolution, cfg.frames,
+                                  lora_params=sum(p.numel() for p in self.network.parameters()))
+        problem = memory.fit_problem(teacher.arch, size, available_memory(self.device), batch=cfg.batch_size,
+                                     resolution=self.resolution, base_dtype=self.base_dtype,
+                                     checkpointing=cfg.gradient_checkpointing, rank=cfg.rank, device=str(self.device))
+        if problem:
+            raise ConfigError(problem)
 
     def request_stop(self) -> None:
         """Stop at this step's end with a checkpoint, as SIGTERM does (a host's Cancel button)."""
@@ -434,6 +457,7 @@ class Run:
         draws = draw_batch(self.sampler, cfg.seed, gidx, self.latent_shape, cfg.empty_prompt_prob)
         res, n = self.resolution, len(gidx)
         ctx_e, pooled_e = (None if v is None else v.expand(n, *v.shape[1:]) for v in self.empty_text)
+        ctx, ctx_e = data.same_length(ctx, ctx_e)  # text encoders of variable length (not CLIP's 77)
         cond = self.teacher.make_cond(ctx, pooled, res, res, geometry).where(
             draws.empty, self.teacher.make_cond(ctx_e, pooled_e, res, res, geometry))
         uncond = self.teacher.uncond(ctx_e, pooled_e, res, res, geometry)
@@ -549,14 +573,14 @@ class Run:
     def reference_guidance(self) -> float:
         """The guidance of calibration's teacher reference: CFG 1 + --teacher-guidance; FLUX its embedding's."""
         teacher = self.teacher
-        return teacher.default_reference_guidance() if teacher.arch == "flux" else 1.0 + self.cfg.teacher_guidance
+        return teacher.default_reference_guidance() if teacher.embedded_guidance else 1.0 + self.cfg.teacher_guidance
 
     def calibration_plan(self) -> calibrate.Plan:
         """What calibration will cost: the budget rule (:func:`trainer.calibrate.plan_for_run`) on the whole
         run's training samples (steps x global batch, so a resumed run plans as an uninterrupted one)."""
         cfg = self.cfg
         return calibrate.plan_for_run(
-            self.teacher.arch, cfg.method, cfg.kmin, cfg.kmax, cfg.max_steps * cfg.global_batch,
+            calibrate.guidance_family(self.teacher), cfg.method, cfg.kmin, cfg.kmax, cfg.max_steps * cfg.global_batch,
             self.reference_guidance(), fraction=cfg.calibrate_budget, prompts=cfg.calibrate_prompts,
             steps=tuple(cfg.calibrate_steps) if cfg.calibrate_steps else None)
 
@@ -623,7 +647,9 @@ class Run:
                          100 * cal.fraction_of_run)
         meta = build_metadata(base_arch=teacher.arch, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax,
                               training_steps=self.step, rank=cfg.rank, alpha=cfg.alpha,
+                              embedded_guidance=teacher.embedded_guidance,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
+                                     "tdd_guidance_kind": "embedding" if teacher.embedded_guidance else "cfg",
                                      **{f"tdd_{k}": json.dumps(v) for k, v in self.skipped_summary().items()},
                                      "tdd_run_fingerprint": self.fp,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {}), **extra})
@@ -644,7 +670,8 @@ class Run:
         while self.step < cfg.max_steps:
             rng_at_start = checkpoint.rng_state() if self.interrupts else None
             try:
-                row = self.train_step()
+                with self.teacher.training():  # the host's training mode (differentiable kernels)
+                    row = self.train_step()
             except self.interrupts as e:  # the host cancelled mid-step: keep the last completed step
                 for o in (self.opt, self.disc_opt):
                     if o is not None:

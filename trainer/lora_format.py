@@ -30,16 +30,21 @@ TDD_FORMAT_VERSION = "1"
 RECOMMENDED = {"tdd": (0.2, 1.7), "tcd": (0.3, 1.7), "lcm": (1.0, 1.0)}
 
 
-def recommended_settings(method: str, kmin: int, kmax: int, base_arch: str = "") -> dict:
+def recommended_settings(method: str, kmin: int, kmax: int, base_arch: str = "",
+                         embedded_guidance: bool | None = None) -> dict:
+    """Steps, eta and guidance a LoRA of ``method`` samples at. A guidance-embedded family (FLUX.1-dev,
+    and by the same recipe FLUX.2 and HunyuanVideo; default: FLUX.1 only) gets FLUX's."""
     eta, guidance = RECOMMENDED[method]
     steps = 4 if kmin <= 4 <= kmax else kmin
-    if base_arch == "flux":  # FLUX.1-dev TDD: 8 steps at FLUX guidance 2.0, one pass per step (docs/method.md §2)
+    if embedded_guidance is None:
+        embedded_guidance = base_arch == "flux"
+    if embedded_guidance:  # FLUX.1-dev TDD: 8 steps at FLUX guidance 2.0, one pass per step (docs/method.md §2)
         steps, guidance = (8 if kmin <= 8 <= kmax else kmax), 2.0
     return {"tdd_recommended_steps": steps, "tdd_recommended_eta": eta, "tdd_recommended_guidance": guidance}
 
 
 def build_metadata(*, base_arch: str, method: str, kmin: int, kmax: int, training_steps: int, rank: int,
-                   alpha: float, extra: dict | None = None) -> dict[str, str]:
+                   alpha: float, extra: dict | None = None, embedded_guidance: bool | None = None) -> dict[str, str]:
     """safetensors header metadata (all values strings, as the format requires)."""
     meta = {
         "tdd_format_version": TDD_FORMAT_VERSION,
@@ -48,7 +53,7 @@ def build_metadata(*, base_arch: str, method: str, kmin: int, kmax: int, trainin
         "tdd_kmin": kmin,
         "tdd_kmax": kmax,
         "tdd_training_steps": training_steps,
-        **recommended_settings(method, kmin, kmax, base_arch),
+        **recommended_settings(method, kmin, kmax, base_arch, embedded_guidance),
         # kohya-compatible fields other tools read
         "ss_network_module": "networks.lora",
         "ss_network_dim": rank,

@@ -1,10 +1,13 @@
 """Test-only ComfyUI custom-node pack for the TDD pack's tests (never shipped to users).
 
 Installed by symlink into a test base directory's ``custom_nodes/``.  Provides
-``TDDTestTinyModel``: MODEL, CLIP and VAE of a tiny random-weight SD1.5-style model.
+``TDDTestTinyModel``: MODEL, CLIP and VAE of a tiny random-weight SD1.5-style model;
+``TDDTestFamilyModel``: the same for a tiny model of another family (families.py).
 """
 from comfy_api.latest import ComfyExtension, io
 
+from .families import FAMILIES
+from .families import build as build_family
 from .tiny import build_tiny_sd15
 
 
@@ -26,9 +29,32 @@ class TDDTestTinyModel(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
+class TDDTestFamilyModel(io.ComfyNode):
+    """MODEL, CLIP, VAE of a tiny random-weight model of one family ComfyUI runs (tdd_test_nodes/families.py):
+    the diffusion model from the host's own classes; the CLIP is the test-only text encoder that gives
+    the family's conditioning shapes (these families' real text encoders can't be built small here)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TDDTestFamilyModel",
+            display_name="TDD test: tiny model of a family",
+            category="_for_testing/tdd",
+            description="Tiny random-weight MODEL/CLIP/VAE of SD3, FLUX.2, Qwen-Image, Lumina 2, Chroma, Wan 2.1, "
+                        "HunyuanVideo or AuraFlow, from ComfyUI's own classes (test-only text encoder).",
+            inputs=[io.Combo.Input("family", options=sorted(FAMILIES)),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1)],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family: str, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(*build_family(family, seed))
+
+
 class TDDTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TDDTestTinyModel]
+        return [TDDTestTinyModel, TDDTestFamilyModel]
 
 
 async def comfy_entrypoint() -> TDDTestExtension:

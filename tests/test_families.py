@@ -1,0 +1,421 @@
+"""Every family through the host's own route (issue 26): tiny random-weight models of SD3, FLUX.2,
+Qwen-Image, Lumina 2, Chroma, Wan 2.1, HunyuanVideo and AuraFlow built from ComfyUI's own classes
+(tests/tdd_test_nodes/families.py), distilled by the one generic Teacher (trainer/families/).
+
+Per family:
+- the seam: the loss of a fixed batch falls (in-process);
+- TDD Distill over HTTP on the real server writes the LoRA (one run per family, shared by the checks);
+- the file's keys are the host's (``comfy.lora.model_lora_keys_unet``), the stock loader
+  (``comfy.sd.load_lora_for_models``, what LoraLoader calls) patches 100% of its modules, it changes the
+  output and strength 0 changes nothing;
+- a 4-step TDD sample (TDD Guidance + TDD Scheduler + TDD Sampler through SamplerCustomAdvanced) with
+  the LoRA in the stock LoraLoader, over HTTP; video families sample 5-D latents with frames;
+- a run stopped at step 2 and resumed equals an uninterrupted run (the trainer's stop request, which
+  ComfyUI's Cancel triggers).
+Also: the SD1.5/SD2.x/SDXL/FLUX.1 path gives the LoRAs the old per-family Teachers gave, bit for bit,
+and a model the trainer can't serve is refused by name before any work.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import path_reference
+import trainer_fixtures as fx
+
+pytestmark = pytest.mark.usefixtures("trainer_host")
+FAMS = fx.load_module(fx.REPO / "tests" / "tdd_test_nodes" / "families.py", "tdd_test_families")
+NAMES = sorted(FAMS.FAMILIES)
+FOLDER = "tdd_family_images"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def images(comfy_base) -> Path:
+    """4 captioned 32 px images in the server's input folder (and for in-process runs)."""
+    folder = fx.make_images(comfy_base / "input" / FOLDER, n=4, size=(40, 32))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = FAMS.build(family, 0)
+        return cache[family]
+    return get
+
+
+# ------------------------------------------------------------------------------------------------
+# the seam, in process
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", NAMES)
+def test_loss_falls_on_a_fixed_batch(family, built):
+    from trainer.models import from_components
+
+    teacher = from_components(*built(family), name=family)
+    res = FAMS.resolution(family)
+    frames = 5 if family in FAMS.VIDEO else None
+    px = torch.rand(2, 3, *([frames] if frames else []), res, res, generator=torch.Generator().manual_seed(1))
+    x0 = teacher.latent_in(teacher.encode_posterior(px)[0])
+    assert x0.ndim == (5 if teacher.latent_dims == 3 else 4)
+    ctx, pooled = teacher.encode_text(["a red square", "a blue circle"])
+    cond = teacher.make_cond(ctx, pooled, res, res)
+    e_ctx, e_pooled = teacher.encode_text([""])
+    uncond = teacher.uncond(e_ctx.expand(2, -1, -1), None if e_pooled is None else e_pooled.expand(2, -1), res, res)
+    losses = fx.fixed_batch_losses(teacher, x0, cond, uncond, steps=6, lr=1e-2)
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], (family, losses)
+
+
+def test_generic_path_gives_the_old_path_lora(tmp_path):
+    """SD1.5 (the demo model and the tiny one), SD2.x-v, SDXL and FLUX.1 through the generic seam: the
+    same 3-step runs give the very LoRAs the old per-family Teachers gave (tests/data/path_reference.json,
+    recorded on main before the change), bit for bit."""
+    want = json.loads((fx.REPO / "tests" / "data" / "path_reference.json").read_text())
+    for name in want:
+        (tmp_path / name).mkdir()
+        got = path_reference.run_one(name, tmp_path / name)
+        assert sorted(got) == sorted(want[name]), name
+        differ = [k for k in want[name] if got[k]["sha256"] != want[name][k]["sha256"]]
+        assert differ == [], (name, differ[:3])
+
+
+def test_unsupported_families_are_refused_by_name(built):
+    """Refused before any work, naming the model and why: an x0 (LCM-distilled) parameterisation, and
+    FLUX.1-schnell (a FLUX model without a guidance embedding: already distilled)."""
+    from types import SimpleNamespace
+
+    import comfy.model_sampling
+    import comfy.supported_models
+    from trainer.families import family_problem
+    from trainer.models import Teacher, TeacherError
+
+    patcher = fx.tiny_sd15(0)[0]
+
+    class Distilled(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.X0):
+        pass
+    lcm = SimpleNamespace(model_config=patcher.model.model_config,
+                          model_sampling=Distilled(patcher.model.model_config))
+    problem = family_problem(lcm)
+    assert problem and "SD15" in problem and "X0 sampling" in problem and "already a few-step model" in problem
+    cfg = comfy.supported_models.FluxSchnell(dict(fx.meta_flux().model_config.unet_config, guidance_embed=False))
+    cfg.set_inference_dtype(torch.float32, None)
+    schnell = cfg.get_model({}, "model.", device=torch.device("meta"))
+    with pytest.raises(TeacherError, match="FluxSchnell.*FLUX.1-schnell is already a few-step"):
+        Teacher(SimpleNamespace(model=schnell), None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# over HTTP on the real server: TDD Distill, the file in the stock loader, a TDD sample
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled(server, comfy_base, images):
+    """family -> (LoRA path, its run's log rows): one TDD Distill run per family, over HTTP."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            name = f"family_{family}"
+            graph = {"1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
+                     "2": {"class_type": "TDDDistill", "inputs": {
+                         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
+                         "preset": "quick", "steps": STEPS, "batch": 2, "lr": 1e-3, "rank": 4, "seed": 0,
+                         "resolution": FAMS.resolution(family), "lora_name": name, "resume": False,
+                         "overwrite": True}}}
+            server.run(graph, timeout=600)
+            path = comfy_base / "models" / "loras" / f"{name}.safetensors"
+            cache[family] = (path, fx.read_log(comfy_base / "models" / "tdd_distill_runs" / name))
+        return cache[family]
+    return get
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_distilled_lora_loads_fully_in_the_stock_loader(family, distilled, built):
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    from trainer.lora_format import read_tdd_metadata
+
+    path, rows = distilled(family)
+    assert [int(r["step"]) for r in rows][-1] == STEPS and all(np.isfinite(float(r["loss"])) for r in rows)
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    patcher = built(family)[0]
+    meta = read_tdd_metadata(path)                       # the family named by the host's config class
+    assert meta["tdd_base_arch"] == type(patcher.model.model_config).__name__.lower()
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    modules = {k.rsplit(".", 2)[0] for k in lora if k.endswith(".lora_down.weight")}
+    assert modules and sorted(m for m in modules if m not in key_map) == []           # the host's own key names
+    loaded = comfy.lora.load_lora(lora, key_map)
+    assert len(loaded) == len(modules)                                               # 100% of its modules
+    assert set(loaded) == {key_map[m] for m in modules}
+
+    res = FAMS.resolution(family)
+    x = torch.randn(1, *_latent_shape(patcher, res), generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, FAMS.TEXT_DIM, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(1, FAMS.TEXT_DIM) if FAMS.FAMILIES[family][2] else None
+
+    def out(strength):
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+        patched.patch_model()
+        try:
+            kw = patched.model.extra_conds(cross_attn=ctx, pooled_output=pooled, noise=x, device=x.device,
+                                           width=res, height=res)
+            kw = {k: v.process_cond(batch_size=1, area=None, device=x.device).cond for k, v in kw.items()}
+            with torch.no_grad():
+                return patched.model.apply_model(x, torch.tensor([0.5]), **kw)
+        finally:
+            patched.unpatch_model()
+    base, full, zero = out(None), out(1.0), out(0.0)
+    assert not torch.equal(base, full)
+    assert torch.equal(base, zero)
+
+
+def _latent_shape(patcher, res: int) -> tuple:
+    fmt = patcher.model.latent_format
+    c, f = int(fmt.latent_channels), 8
+    return (c, 2, res // f, res // f) if getattr(fmt, "latent_dimensions", 2) == 3 else (c, res // f, res // f)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_tdd_sample_with_the_lora_over_http(family, server, distilled):
+    """TDDTestFamilyModel -> LoraLoader (stock) -> TDD Guidance / Scheduler / Sampler -> SamplerCustomAdvanced
+    at 4 steps; the latent comes from the family's VAE (5 frames -> a 5-D video latent for video families)."""
+    path, _ = distilled(family)
+    res, frames = FAMS.resolution(family), (5 if family in FAMS.VIDEO else 1)
+    graph = {
+        "1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": path.name,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "a red square on a gradient"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+        "6": {"class_type": "TDDGuidance", "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                      "scale": 1.7, "guidance_start": 0.0, "guidance_end": 1.0,
+                                                      "rescale": 0.0}},
+        "7": {"class_type": "TDDScheduler", "inputs": {"model": ["2", 0], "steps": 4, "non_equidistant": False,
+                                                       "denoise": 1.0}},
+        "8": {"class_type": "TDDSampler", "inputs": {"eta": 0.2, "x0_clip_steps": 0}},
+        "9": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+        "10": {"class_type": "EmptyImage", "inputs": {"width": res, "height": res, "batch_size": frames, "color": 0}},
+        "15": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["9", 0], "guider": ["6", 0],
+                                                                 "sampler": ["8", 0], "sigmas": ["7", 0],
+                                                                 "latent_image": ["15", 0]}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": f"family_{family}"}},
+    }
+    entry = server.run(graph, timeout=600)
+    paths = server.output_images(entry)
+    assert len(paths) == frames                                  # video: a clip of frames back from a 5-D latent
+    for p in paths:
+        img = np.asarray(Image.open(p), dtype=np.float32)
+        assert img.shape[:2] == (res, res) and np.isfinite(img).all()
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "wan21"])
+def test_stop_then_resume_equals_an_uninterrupted_run(family, built, images, tmp_path):
+    """The trainer's stop request at step 2 (what ComfyUI's Cancel triggers in TDD Distill), then resume:
+    the same LoRA as 4 uninterrupted steps."""
+    from trainer.loop import train
+
+    res = FAMS.resolution(family)
+
+    def run(folder, stop_at=None, resume=None):
+        cfg = fx.train_config(images, folder, resolution=res, max_steps=STEPS, resume=resume, save_every=1)
+
+        def on_step(r, row):
+            if stop_at is not None and row["step"] == stop_at:
+                r.request_stop()
+        return train(cfg, components=FAMS.build(family, 0), on_step=on_step)
+    whole = run(tmp_path / "whole")
+    first = run(tmp_path / "parts", stop_at=2)
+    assert first["status"] == "interrupted" and first["step"] == 2
+    second = run(tmp_path / "parts", resume=str(tmp_path / "parts" / "run"))
+    assert second["status"] == "done"
+    a, b = fx.lora_tensors(whole["out"]), fx.lora_tensors(second["out"])
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_tdd_lora_loader_gives_the_family_settings(family, host, distilled, built):
+    """TDD LoRA Loader on the family's model with its distilled file: the recommended steps/eta/guidance
+    of the family's guidance kind (a guidance embedding samples as FLUX.1 does: 8 steps at 2.0; CFG
+    families at TDD's 4 steps and CFG 1.7), and what the guidance value means."""
+    from harness import run_node
+    from trainer.lora_format import read_tdd_metadata
+
+    path, _ = distilled(family)
+    model, clip, _ = built(family)
+    info, steps, eta, guidance = run_node(host, "TDDLoraLoader", model=model, clip=clip, lora_name=path.name,
+                                          strength_model=1.0, strength_clip=1.0)[2:]
+    embedded = family in ("flux2", "hunyuan_video")
+    assert read_tdd_metadata(path)["tdd_guidance_kind"] == ("embedding" if embedded else "cfg")
+    assert (steps, guidance) == ((8, 2.0) if embedded else (4, 1.7)), info
+    assert ("guidance embedding (FluxGuidance)" if embedded else "CFG scale") in info
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: the estimate from parameter counts, and the refusal before the first step
+# ------------------------------------------------------------------------------------------------
+def test_memory_estimate_from_parameter_counts():
+    from trainer.memory import GIB, ModelSize, estimate
+
+    flux_dev = ModelSize(params=11_901_408_320, width=3072, blocks=57, tokens=4096 + 512)   # 1024 px, T5 512
+    plain = estimate(flux_dev, base_dtype="bf16")
+    ckpt = estimate(flux_dev, base_dtype="bf16", checkpointing=True)
+    assert plain.weights == 2 * flux_dev.params and ckpt.weights == plain.weights     # the frozen base, bf16
+    assert plain.lora == 64 * 18 * 3072 * 57 * 16                                      # rank 64, fp32 + AdamW
+    assert ckpt.activations * 10 < plain.activations                                   # checkpointing saves most
+    assert 22 < ckpt.total / GIB < 30 < plain.total / GIB                              # FLUX.1 fits 40 GB only so
+    assert estimate(flux_dev, batch=2).activations == 2 * plain.activations
+    assert estimate(flux_dev, base_dtype="fp8").weights == flux_dev.params
+
+
+@pytest.mark.parametrize("family", ["wan21"])
+def test_a_run_that_does_not_fit_is_refused_before_the_first_step(family, built, images, tmp_path, monkeypatch):
+    import trainer.loop
+    from trainer.config import ConfigError
+    from trainer.memory import GIB, estimate
+    from trainer.models import from_components
+
+    res = FAMS.resolution(family)
+    teacher = from_components(*built(family), name=family)
+    size = teacher.model_size(res)
+    plain = estimate(size, batch=2, base_dtype="fp32", rank=4).total
+    ckpt = estimate(size, batch=2, base_dtype="fp32", checkpointing=True, rank=4).total
+    assert ckpt < plain
+    for available, option in (((plain + ckpt) // 2, "turn on gradient checkpointing"),
+                              (ckpt - 1, "store the frozen base in bf16"), (GIB // 2, "lower --resolution")):
+        monkeypatch.setattr(trainer.loop, "available_memory", lambda device, a=available: a)
+        cfg = fx.train_config(images, tmp_path / str(available), resolution=res, max_steps=2, rank=4)
+        with pytest.raises(ConfigError, match=f"{teacher.arch} needs about .* GiB to distil at batch 2.*{option}"):
+            trainer.loop.train(cfg, components=FAMS.build(family, 0))
+        assert not (tmp_path / str(available) / "run" / "log.csv").exists()        # no step was taken
+
+
+def test_tdd_distill_names_the_option_when_the_model_does_not_fit(host, images, monkeypatch, built):
+    """The node's error, before any step: the estimate, the device's memory and the option to try."""
+    import trainer.loop
+    from harness import run_node
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(trainer.loop, "available_memory", lambda device: 1024 ** 2)
+    # (the executor sets a V3 node's hidden inputs; run_node calls the class directly)
+    monkeypatch.setattr(host.NODE_CLASS_MAPPINGS["TDDDistill"], "hidden", SimpleNamespace(unique_id=None), raising=False)
+    model, clip, vae = FAMS.build("sd3", 0)
+    with pytest.raises(Exception, match="sd3 needs about .* GiB to distil at batch 2.*but cpu has 0.0 GiB.*lower "
+                                        "--resolution or --batch-size"):
+        run_node(host, "TDDDistill", model=model, clip=clip, vae=vae, images=FOLDER, method="tdd", preset="quick",
+                 steps=2, batch=2, lr=1e-3, rank=4, seed=0, resolution=32, lora_name="family_too_big", resume=False,
+                 overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# video data: clips (video files, folders of frames) and images as 1-frame clips
+# ------------------------------------------------------------------------------------------------
+def _clip_frames(n: int, size=(40, 32), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, (h, w, 3)).astype(np.uint8)
+    return [np.roll(base, 3 * i, axis=1) for i in range(n)]   # a pattern moving right
+
+
+def write_video(path: Path, frames: list[np.ndarray]) -> Path:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for arr in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+@pytest.fixture()
+def clips(tmp_path) -> Path:
+    """A 7-frame .mp4, a folder of 5 frames, both captioned, and one captioned image."""
+    root = tmp_path / "clips"
+    root.mkdir()
+    write_video(root / "moving.mp4", _clip_frames(7))
+    (root / "moving.txt").write_text("a pattern moving right")
+    (root / "frames").mkdir()
+    for i, arr in enumerate(_clip_frames(5, seed=1)):
+        Image.fromarray(arr).save(root / "frames" / f"{i:03d}.png")
+    (root / "frames.txt").write_text("another pattern moving right")
+    Image.fromarray(_clip_frames(1, seed=2)[0]).save(root / "still.png")
+    (root / "still.txt").write_text("a still image")
+    return root
+
+
+def test_video_data_clips_frame_folders_and_images(clips, tmp_path, built):
+    from trainer import data
+    from trainer.loop import train
+    from trainer.models import from_components
+
+    items, bad = data.scan(clips)
+    assert bad == [] and {Path(it.path).name: it.frames for it in items} == {"frames": 5, "moving.mp4": 7,
+                                                                               "still.png": 1}
+    teacher = from_components(*built("wan21"), name="wan21")
+    with pytest.raises(data.DataError, match="fewer than the 5 frames.*still.png.*lower --frames"):
+        data.TrainData(items, teacher, 16, num_workers=0, frames=5)
+    clip = data.load_clip(str(clips / "moving.mp4"), 16, 5)
+    assert clip.shape == (3, 5, 16, 16) and 0 <= float(clip.min()) and float(clip.max()) <= 1
+    one = data.TrainData(items, teacher, 16, num_workers=0, frames=1)     # every item as a 1-frame clip
+    x0, ctx, _, _ = one.fetch([0, 1, 2], [0, 1, 2])
+    assert x0.shape == (3, 16, 1, 2, 2) and ctx.shape[0] == 3
+    (clips / "still.png").unlink()
+    five = data.TrainData(data.scan(clips)[0], teacher, 16, num_workers=0, frames=5)
+    x0, _, _, _ = five.fetch([0, 1], [0, 1])
+    assert x0.shape == (2, 16, 2, 2, 2)                                   # 5 frames -> 2 latent frames (causal 4x)
+    cfg = fx.train_config(clips, tmp_path / "run5", resolution=16, max_steps=2, frames=5)
+    result = train(cfg, components=FAMS.build("wan21", 0))
+    assert result["status"] == "done" and len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+
+
+def test_latent_shape_counts_the_video_vae_frames(built):
+    from trainer.models import from_components
+
+    wan = from_components(*built("wan21"), name="wan21")
+    assert wan.latent_shape(16, 5) == (16, 2, 2, 2) and wan.latent_shape(16, 1) == (16, 1, 2, 2)
+    assert wan.latent_shape(16, 9) == (16, 3, 2, 2)                       # the causal VAE: 1 + (T - 1) / 4
+    sd3 = from_components(*built("sd3"), name="sd3")
+    assert sd3.latent_shape(32) == (16, 4, 4)
+
+
+@pytest.mark.parametrize("family", ["wan21"])
+def test_cancel_over_http_then_resume_equals_an_uninterrupted_run(family, server, comfy_base, images):
+    """ComfyUI's Cancel (/interrupt) during TDD Distill on a video family, then the same prompt again
+    (resume on): the LoRA of an uninterrupted run, bit for bit."""
+    from safetensors.torch import load_file
+    from test_distill_node import wait_for_rows
+
+    steps = 120
+
+    def graph(name):
+        return {"1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
+                "2": {"class_type": "TDDDistill", "inputs": {
+                    "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
+                    "preset": "quick", "steps": steps, "batch": 1, "lr": 1e-3, "rank": 4, "seed": 0,
+                    "resolution": FAMS.resolution(family), "lora_name": name, "resume": True, "overwrite": True}}}
+    runs, loras = comfy_base / "models" / "tdd_distill_runs", comfy_base / "models" / "loras"
+    status, body = server.queue(graph(f"cancel_{family}"))
+    assert status == 200, body
+    wait_for_rows(runs / f"cancel_{family}" / "log.csv", 3)
+    server._request("POST", "/interrupt", {})
+    entry = server.wait(body["prompt_id"], timeout=300)
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    stopped_at = int((runs / f"cancel_{family}" / "latest").read_text().strip().split("-")[1])
+    assert 3 <= stopped_at < steps and not (loras / f"cancel_{family}.safetensors").exists()
+    server.run(graph(f"cancel_{family}"), timeout=600)                          # resume on
+    server.run(graph(f"straight_{family}"), timeout=600)
+    a, b = load_file(str(loras / f"cancel_{family}.safetensors")), load_file(str(loras / f"straight_{family}.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
