@@ -113,6 +113,9 @@ def train_unet(model, clip, latents, stds, captions, seed, steps, batch=64, lr=3
     text = clip.cond_stage_model.clip_l
     abar = 1.0 / (1.0 + model.model.model_sampling.sigmas.float() ** 2)  # sigma^2 = (1 - abar) / abar
     params = list(unet.parameters()) + list(text.parameters())
+    # The UNet trains; ComfyUI 0.33's BaseModel builds it frozen (0.3.x left it trainable). The text encoder
+    # stays as the host builds it on every version, frozen (SDClipModel.freeze), so AdamW skips its weights.
+    unet.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = {"unet": copy.deepcopy(unet.state_dict()), "clip": copy.deepcopy(clip.cond_stage_model.state_dict())}
     unet.train()
