@@ -1,6 +1,7 @@
 """The pack inside a real ComfyUI server, driven over HTTP as a user's browser would."""
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import numpy as np
@@ -60,12 +61,16 @@ def test_pack_imports_without_failure(server):
     assert "tdd-comfyui" in server.log_text()
 
 
-def test_the_only_import_failures_are_the_hosts_audio_modules(server):
-    """The README's note on `make run`: its IMPORT FAILED lines are the host's audio nodes (no
-    torchaudio build for the pinned torch), never this pack."""
+def test_no_import_failures_but_the_audio_modules_without_torchaudio(server):
+    """`make run` logs no IMPORT FAILED line: scripts/bootstrap.sh installs torchaudio (ComfyUI 0.33
+    needs it to start). Without torchaudio (a host of your own) only the host's audio nodes may fail,
+    never this pack."""
     audio = re.compile(r"^(IMPORT FAILED: |Cannot import \S*/comfy_extras/)nodes_audio(_encoder)?\.py\b")
     failures = harness.all_import_failures(server.log_text())
-    assert all(audio.search(f) for f in failures), failures
+    if importlib.util.find_spec("torchaudio") is not None:
+        assert failures == []
+    else:
+        assert all(audio.search(f) for f in failures), failures
 
 
 def test_object_info_lists_every_node_with_inputs_and_tooltips(server):
