@@ -293,8 +293,17 @@ class Frontend:
     def run_selected_output(self, title: str) -> tuple[int, dict]:
         """Select the output node titled ``title`` and press the run button of the selection
         toolbox that appears over it (runs only that output's branch)."""
-        self.click_node_title(title)
+        from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
         button = self.page.locator(".selection-toolbox button:has(i[class*='lucide--play'])")
+        for attempt in range(3):  # on a busy page the first click can go to the frontend; a user clicks again
+            self.click_node_title(title)
+            try:
+                button.wait_for(timeout=5000)
+                break
+            except PlaywrightTimeoutError:
+                if attempt == 2:
+                    raise
         return self._queued(lambda: button.click())
 
     def output_images(self, node_type: str = "SaveImage") -> list[dict]:
