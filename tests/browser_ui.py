@@ -290,20 +290,27 @@ class Frontend:
                     rect.top + (n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2 + ds.offset[1]) * ds.scale]; }""", title)
         self.page.mouse.click(x, y)
 
+    def until_shown(self, act, shown, attempts: int = 3, wait_ms: float = 5000, last_wait_ms: float = 30_000) -> None:
+        """Do ``act`` (a user's click) until the locator ``shown`` appears, as a user tries again when a
+        click does nothing: on a busy page, or right after another interaction, frontend 1.49 can take
+        the first click as the end of what came before. Raises when the last attempt shows nothing."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+        for attempt in range(attempts):
+            act()
+            last = attempt == attempts - 1
+            try:
+                shown.wait_for(timeout=last_wait_ms if last else wait_ms)
+                return
+            except PlaywrightTimeoutError:
+                if last:
+                    raise
+
     def run_selected_output(self, title: str) -> tuple[int, dict]:
         """Select the output node titled ``title`` and press the run button of the selection
         toolbox that appears over it (runs only that output's branch)."""
-        from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
         button = self.page.locator(".selection-toolbox button:has(i[class*='lucide--play'])")
-        for attempt in range(3):  # on a busy page the first click can go to the frontend; a user clicks again
-            self.click_node_title(title)
-            try:
-                button.wait_for(timeout=5000)
-                break
-            except PlaywrightTimeoutError:
-                if attempt == 2:
-                    raise
+        self.until_shown(lambda: self.click_node_title(title), button)
         return self._queued(lambda: button.click())
 
     def output_images(self, node_type: str = "SaveImage") -> list[dict]:

@@ -302,7 +302,7 @@ _HOST = {"nodes": None, "base_dir": None, "log": ""}
 
 
 class _LogText(logging.Handler):
-    """Collects the formatted log records of the in-process host's start-up."""
+    """Collects the messages of the log records of the in-process host's start-up."""
 
     def __init__(self):
         super().__init__(logging.INFO)

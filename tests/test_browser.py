@@ -229,25 +229,15 @@ def test_host_noise_patterns_are_narrow(text, url, noise):
 SEARCH_SPOT = (0.45, 0.6)  # where on the canvas the search box is opened (fraction of its size)
 
 
-def open_search(ui, attempts: int = 3):
+def open_search(ui):
     """Double-click the empty canvas spot SEARCH_SPOT -> the search box's input (a new one: the
     previous box must have closed first, or the locator would find it while it fades out).
-
     Frontend 1.49 sometimes takes the first double-click after a node was added from the search as
-    the end of that interaction and opens nothing; a user double-clicks again, and so does this
-    (up to ``attempts`` times)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
+    the end of that interaction and opens nothing; a user double-clicks again (Frontend.until_shown)."""
     search = ui.page.get_by_placeholder(browser_ui.SEARCH_PLACEHOLDER)
     search.wait_for(state="detached", timeout=UI_TIMEOUT_MS)
-    for attempt in range(attempts):
-        ui.double_click(*canvas_point(ui, *SEARCH_SPOT))
-        try:
-            search.wait_for(timeout=UI_TIMEOUT_MS if attempt == attempts - 1 else 3000)
-            return search
-        except PlaywrightTimeoutError:
-            if attempt == attempts - 1:
-                raise
+    ui.until_shown(lambda: ui.double_click(*canvas_point(ui, *SEARCH_SPOT)), search, wait_ms=3000,
+                   last_wait_ms=UI_TIMEOUT_MS)
     return search
 
 
