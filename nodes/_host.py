@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import comfy.model_sampling
 
-from ..tdd_core import FlowMatching, Space, VarianceExploding, schedule_timesteps
+from ..tdd_core import FlowMatching, Space, VarianceExploding, schedule_timesteps, table_index
 
 
 def sampling_space(model_sampling) -> Space:
@@ -23,8 +23,7 @@ def sigma_at_timestep(model_sampling, timestep: int, num_train_timesteps: int = 
     DDPM models have one entry per timestep; flow and EDM tables span the same range at their own
     resolution, so the timestep is placed proportionally."""
     table = model_sampling.sigmas
-    index = round(timestep * (len(table) - 1) / (num_train_timesteps - 1))
-    return float(table[index])
+    return float(table[table_index(timestep, len(table), num_train_timesteps)])
 
 
 def tdd_sigmas(model_sampling, steps: int, denoise: float = 1.0, non_equidistant: bool = False) -> torch.Tensor:

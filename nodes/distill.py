@@ -144,7 +144,8 @@ def run_fingerprint(cfg, teacher, items) -> str:
     config, data, loop = trainer_module("config"), trainer_module("data"), trainer_module("loop")
     probe = dataclasses.replace(cfg).apply_family_defaults(teacher.arch, teacher.row.defaults, teacher.flow)
     precision = loop.resolve_precision(cfg, loop.pick_device(cfg.device))
-    return config.fingerprint(probe.fingerprint_fields(data.dataset_id(items), teacher.fingerprint, precision))
+    return config.fingerprint(probe.fingerprint_fields(data.dataset_id(items), teacher.fingerprint, precision,
+                                                       teacher.embedded_guidance))
 
 
 def small_images(items, resolution: int) -> list:

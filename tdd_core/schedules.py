@@ -22,6 +22,14 @@ NON_EQUIDISTANT_SCHEDULES: dict[int, tuple[int, ...]] = {
 }
 
 
+def table_index(timestep: int, table_len: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> int:
+    """The entry of a host's ascending noise-level table of ``table_len`` levels for a timestep: the
+    timestep itself in a 1000-level DDPM table, placed proportionally in a finer one (FLUX-type models
+    keep 10000 levels) or a coarser one. TDD Scheduler (sampling) and the trainer read noise levels
+    through this one mapping, so a LoRA is sampled at the noise levels it was trained at."""
+    return round(int(timestep) * (int(table_len) - 1) / (num_train_timesteps - 1))
+
+
 def solver_grid(num_points: int = NUM_GRID_POINTS, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
     """The ascending solver grid ``{k*i - 1 : i = 1..N}`` with ``k = T / N`` (3, 7, ..., 999 by default)."""
     if num_points < 1 or num_train_timesteps % num_points:

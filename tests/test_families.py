@@ -58,6 +58,7 @@ def built():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", NAMES)
 def test_loss_falls_on_a_fixed_batch(family, built):
+    from trainer.data import same_length
     from trainer.models import from_components
 
     teacher = from_components(*built(family), name=family)
@@ -67,11 +68,84 @@ def test_loss_falls_on_a_fixed_batch(family, built):
     x0 = teacher.latent_in(teacher.encode_posterior(px)[0])
     assert x0.ndim == (5 if teacher.latent_dims == 3 else 4)
     ctx, pooled = teacher.encode_text(["a red square", "a blue circle"])
-    cond = teacher.make_cond(ctx, pooled, res, res)
     e_ctx, e_pooled = teacher.encode_text([""])
+    ctx, e_ctx = same_length(ctx, e_ctx)                       # as the training loop batches them
+    cond = teacher.make_cond(ctx, pooled, res, res)
     uncond = teacher.uncond(e_ctx.expand(2, -1, -1), None if e_pooled is None else e_pooled.expand(2, -1), res, res)
     losses = fx.fixed_batch_losses(teacher, x0, cond, uncond, steps=6, lr=1e-2)
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], (family, losses)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_the_trainer_evaluates_the_model_as_the_host_samples_it(family, host, built):
+    """4 TDD steps (eta 0) from the same noise, two ways: the host's own graph (CLIPTextEncode [-> FluxGuidance
+    for a guidance embedding] -> TDD Guidance at 1 -> TDD Scheduler -> TDD Sampler -> SamplerCustomAdvanced)
+    and the trainer's (the prompt through the Teacher's encode_text/make_cond, its noise table, tdd_core's
+    sampler). Same noise levels (shift included) and the same latent: the conditioning (extra_conds, text
+    masks, pooled vector, guidance) is the host's."""
+    from harness import run_node
+    from tdd_core import sample_tdd, tdd_timesteps
+    from trainer.models import from_components
+
+    model, clip, vae = built(family)
+    teacher = from_components(model, clip, vae, name=family)
+    res, text, guidance = FAMS.resolution(family), "a red square on a gradient", 2.5
+    (pos,) = run_node(host, "CLIPTextEncode", clip=clip, text=text)
+    (neg,) = run_node(host, "CLIPTextEncode", clip=clip, text="")
+    if teacher.embedded_guidance:
+        (pos,) = run_node(host, "FluxGuidance", conditioning=pos, guidance=guidance)
+    (guider,) = run_node(host, "TDDGuidance", model=model, positive=pos, negative=neg, scale=1.0,
+                         guidance_start=0.0, guidance_end=1.0, rescale=0.0)
+    (sigmas,) = run_node(host, "TDDScheduler", model=model, steps=4, non_equidistant=False, denoise=1.0)
+    (sampler,) = run_node(host, "TDDSampler", eta=0.0, x0_clip_steps=0)
+    (noise,) = run_node(host, "RandomNoise", noise_seed=7)
+    shape = (1, *teacher.latent_shape(res))
+    out = run_node(host, "SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                   latent_image={"samples": torch.zeros(shape)})[0]["samples"]
+
+    ours = torch.cat([teacher.sigmas[tdd_timesteps(4)], torch.zeros(1)])
+    torch.testing.assert_close(ours, sigmas.float().cpu(), rtol=1e-5, atol=1e-6)
+    ctx, pooled = teacher.encode_text([text])
+    ectx, epooled = teacher.encode_text([""])
+    cond, empty = teacher.make_cond(ctx, pooled, res, res), teacher.make_cond(ectx, epooled, res, res)
+    x = teacher.start_latent(torch.randn(shape, generator=torch.Generator().manual_seed(7)), ours[0])
+    with torch.no_grad():
+        x0 = sample_tdd(teacher.guided_denoiser(cond, empty, guidance if teacher.embedded_guidance else 1.0), x, ours,
+                        eta=0.0, disable=True, space=teacher.space())
+    assert out.shape == shape and out.abs().mean() > 0
+    torch.testing.assert_close(model.model.process_latent_out(x0), out.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_text_mask_goes_to_the_families_whose_model_takes_it(built):
+    """The encoder's attention mask (and the zeroed states it masks) only where the family's extra_conds
+    takes one: Qwen-Image, HunyuanVideo, Lumina 2 (whose 0.33 transformer then ignores it); FLUX.2's model
+    takes none, so its states stay as the host gives them; CLIP/T5-style encoders give no mask."""
+    from trainer.models import from_components
+
+    masked = {f for f in NAMES if from_components(*built(f), name=f).text_masks}
+    assert masked == {"hunyuan_video", "lumina2", "qwen_image"}
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "qwen_image"])
+def test_padded_captions_are_masked(family, built):
+    """Captions of different lengths batch padded to the longest, and a short caption's prediction in a batch
+    with a long one equals its prediction alone, as the host gives it: Qwen-Image masks the padding;
+    HunyuanVideo (whose 0.33 transformer averages every text position and masks one sample only) runs
+    such a batch one sample at a time, each at its own length (its row in trainer/families/table.py)."""
+    from trainer.models import from_components
+
+    teacher = from_components(*built(family), name=family)
+    res = FAMS.resolution(family)
+    ctx, pooled = teacher.encode_text(["red", "a long caption about a blue circle moving over a striped field"])
+    alone_ctx, alone_pooled = teacher.encode_text(["red"])
+    n = alone_ctx.shape[1]
+    assert n < ctx.shape[1] and torch.equal(ctx[0, n:], torch.zeros_like(ctx[0, n:]))
+    z = torch.randn(2, *teacher.latent_shape(res), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        both = teacher.x0(z, t, teacher.make_cond(ctx, pooled, res, res))
+        alone = teacher.x0(z[:1], t[:1], teacher.make_cond(alone_ctx, alone_pooled, res, res))
+    torch.testing.assert_close(both[:1], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_generic_path_gives_the_old_path_lora(tmp_path):
@@ -120,6 +194,23 @@ def test_unsupported_families_are_refused_by_name(built):
 # ------------------------------------------------------------------------------------------------
 # over HTTP on the real server: TDD Distill, the file in the stock loader, a TDD sample
 # ------------------------------------------------------------------------------------------------
+#: The test model's forward call that waits for a cancel: the middle one of step 2 (a training step makes
+#: CALLS_PER_STEP forward calls: the student; the teacher, conditional and unconditional in one batch; the
+#: target's prediction).
+CALLS_PER_STEP = 3
+PAUSE_AT_CALL = CALLS_PER_STEP + 2
+
+
+def distill_graph(family: str, name: str, resume: bool = False, pause_at_call: int = 0) -> dict:
+    """TDDTestFamilyModel -> TDD Distill (quick preset, STEPS steps of batch 2) writing ``name``."""
+    model = {"family": family, "seed": 0, **({"pause_at_call": pause_at_call} if pause_at_call else {})}
+    return {"1": {"class_type": "TDDTestFamilyModel", "inputs": model},
+            "2": {"class_type": "TDDDistill", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
+                "preset": "quick", "steps": STEPS, "batch": 2, "lr": 1e-3, "rank": 4, "seed": 0,
+                "resolution": FAMS.resolution(family), "lora_name": name, "resume": resume, "overwrite": True}}}
+
+
 @pytest.fixture(scope="module")
 def distilled(server, comfy_base, images):
     """family -> (LoRA path, its run's log rows): one TDD Distill run per family, over HTTP."""
@@ -128,13 +219,7 @@ def distilled(server, comfy_base, images):
     def get(family):
         if family not in cache:
             name = f"family_{family}"
-            graph = {"1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
-                     "2": {"class_type": "TDDDistill", "inputs": {
-                         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
-                         "preset": "quick", "steps": STEPS, "batch": 2, "lr": 1e-3, "rank": 4, "seed": 0,
-                         "resolution": FAMS.resolution(family), "lora_name": name, "resume": False,
-                         "overwrite": True}}}
-            server.run(graph, timeout=600)
+            server.run(distill_graph(family, name), timeout=600)
             path = comfy_base / "models" / "loras" / f"{name}.safetensors"
             cache[family] = (path, fx.read_log(comfy_base / "models" / "tdd_distill_runs" / name))
         return cache[family]
@@ -223,16 +308,22 @@ def test_tdd_sample_with_the_lora_over_http(family, server, distilled):
         assert img.shape[:2] == (res, res) and np.isfinite(img).all()
 
 
-@pytest.mark.parametrize("family", ["qwen_image", "wan21"])
-def test_stop_then_resume_equals_an_uninterrupted_run(family, built, images, tmp_path):
+@pytest.mark.parametrize("family", NAMES)
+def test_stop_then_resume_equals_an_uninterrupted_run_and_calibrates(family, built, images, tmp_path):
     """The trainer's stop request at step 2 (what ComfyUI's Cancel triggers in TDD Distill), then resume:
-    the same LoRA as 4 uninterrupted steps."""
+    the same LoRA as 4 uninterrupted steps, and the same calibration (on at the budget rule's floor). The
+    calibration sweeps the family's kind of guidance (the embedding's values for FLUX.2/HunyuanVideo, CFG
+    scales otherwise) and counts one model pass per embedded-guidance sample, two per CFG sample."""
+    from trainer import calibrate
+    from trainer.lora_format import read_header_metadata
     from trainer.loop import train
+    from trainer.models import from_components
 
     res = FAMS.resolution(family)
 
     def run(folder, stop_at=None, resume=None):
-        cfg = fx.train_config(images, folder, resolution=res, max_steps=STEPS, resume=resume, save_every=1)
+        cfg = fx.train_config(images, folder, resolution=res, max_steps=STEPS, resume=resume, save_every=1,
+                              calibrate=True)
 
         def on_step(r, row):
             if stop_at is not None and row["step"] == stop_at:
@@ -240,11 +331,23 @@ def test_stop_then_resume_equals_an_uninterrupted_run(family, built, images, tmp
         return train(cfg, components=FAMS.build(family, 0), on_step=on_step)
     whole = run(tmp_path / "whole")
     first = run(tmp_path / "parts", stop_at=2)
-    assert first["status"] == "interrupted" and first["step"] == 2
+    assert first["status"] == "interrupted" and first["step"] == 2 and not (tmp_path / "parts" / "lora.safetensors").exists()
     second = run(tmp_path / "parts", resume=str(tmp_path / "parts" / "run"))
     assert second["status"] == "done"
     a, b = fx.lora_tensors(whole["out"]), fx.lora_tensors(second["out"])
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    meta, again = read_header_metadata(whole["out"]), read_header_metadata(second["out"])
+    table = json.loads(meta["tdd_calibration"])
+    assert json.loads(again["tdd_calibration"])["scores"] == table["scores"]
+    teacher = from_components(*built(family), name=family)
+    kind = calibrate.guidance_family(teacher)
+    assert (kind == "flux") == (family in ("flux2", "hunyuan_video"))
+    coarse = calibrate.Sweep.for_family(kind, "tdd").coarse(kind)      # the floor's sweep, of this kind
+    assert table["plan"]["level"] == "floor" and table["plan"]["guidances"] == list(coarse.guidances)
+    assert {s[1] for s in table["scores"]} <= set(coarse.guidances)
+    assert float(meta["tdd_recommended_guidance"]) in coarse.guidances
+    assert 0 < table["evaluations"] <= table["plan"]["planned_evaluations"]
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -361,8 +464,11 @@ def clips(tmp_path) -> Path:
     return root
 
 
-def test_video_data_clips_frame_folders_and_images(clips, tmp_path, built):
-    from trainer import data
+def test_video_data_clips_frame_folders_and_images(clips, tmp_path, built, monkeypatch):
+    """Clips (a video file, a folder of frames) and an image as a 1-frame clip; a 5-frame run of Wan trains
+    on 5-D latents and calibrates on 5-frame clips."""
+    from trainer import calibrate, data
+    from trainer.lora_format import read_header_metadata
     from trainer.loop import train
     from trainer.models import from_components
 
@@ -381,9 +487,32 @@ def test_video_data_clips_frame_folders_and_images(clips, tmp_path, built):
     five = data.TrainData(data.scan(clips)[0], teacher, 16, num_workers=0, frames=5)
     x0, _, _, _ = five.fetch([0, 1], [0, 1])
     assert x0.shape == (2, 16, 2, 2, 2)                                   # 5 frames -> 2 latent frames (causal 4x)
-    cfg = fx.train_config(clips, tmp_path / "run5", resolution=16, max_steps=2, frames=5)
+    cfg = fx.train_config(clips, tmp_path / "run5", resolution=16, max_steps=2, frames=5, calibrate=True)
+    sampled = []                                                          # calibration's latents, as sampled
+    real_run = calibrate.Calibrator.run
+
+    def run(self, *args, **kwargs):
+        out = real_run(self, *args, **kwargs)
+        sampled.append(tuple(out.latents.shape))
+        return out
+    monkeypatch.setattr(calibrate.Calibrator, "run", run)
     result = train(cfg, components=FAMS.build("wan21", 0))
     assert result["status"] == "done" and len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+    # calibrated on 5-frame clips (5-D latents, as the run trained and the user samples), into the file
+    assert sampled and {shape[1:] for shape in sampled} == {(16, 2, 2, 2)}
+    meta = read_header_metadata(result["out"])
+    table = json.loads(meta["tdd_calibration"])
+    assert table["evaluations"] > 0 and table["plan"]["level"] == "floor" and meta["tdd_frames"] == "5"
+    # the calibration CLI recalibrates the file at the clip length it was trained on (tdd_frames)
+    factory = tmp_path / "wan_factory.py"
+    factory.write_text("import trainer_fixtures as fx\n"
+                       "FAMS = fx.load_module(fx.REPO / 'tests' / 'tdd_test_nodes' / 'families.py', 'tdd_test_families')\n"
+                       "def wan():\n    return FAMS.build('wan21', 0)\n")
+    sampled.clear()
+    assert calibrate.main(["--teacher", f"{factory}:wan", "--lora", str(result["out"]), "--out",
+                           str(tmp_path / "again.safetensors"), "--prompts", "2", "--steps", "4",
+                           "--resolution", "16"]) == 0
+    assert sampled and {shape[1:] for shape in sampled} == {(16, 2, 2, 2)}
 
 
 def test_latent_shape_counts_the_video_vae_frames(built):
@@ -396,31 +525,28 @@ def test_latent_shape_counts_the_video_vae_frames(built):
     assert sd3.latent_shape(32) == (16, 4, 4)
 
 
-@pytest.mark.parametrize("family", ["wan21"])
-def test_cancel_over_http_then_resume_equals_an_uninterrupted_run(family, server, comfy_base, images):
-    """ComfyUI's Cancel (/interrupt) during TDD Distill on a video family, then the same prompt again
-    (resume on): the LoRA of an uninterrupted run, bit for bit."""
+@pytest.mark.parametrize("family", NAMES)
+def test_cancel_over_http_then_resume_equals_an_uninterrupted_run(family, server, comfy_base, distilled):
+    """ComfyUI's Cancel (``POST /interrupt``) during TDD Distill, then the same prompt again (resume on): the
+    LoRA of the uninterrupted run (the ``distilled`` one: same settings, another name), bit for bit. The
+    test model's forward call :data:`PAUSE_AT_CALL` (inside step 2) waits for the cancel, so the cancel lands
+    mid-step on any machine; the test cancels once step 1's log row is written. A cancel mid-step keeps
+    the last finished step (1) and drops the one in progress; queued again, the run goes on from step 1."""
     from safetensors.torch import load_file
     from test_distill_node import wait_for_rows
 
-    steps = 120
-
-    def graph(name):
-        return {"1": {"class_type": "TDDTestFamilyModel", "inputs": {"family": family, "seed": 0}},
-                "2": {"class_type": "TDDDistill", "inputs": {
-                    "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": FOLDER, "method": "tdd",
-                    "preset": "quick", "steps": steps, "batch": 1, "lr": 1e-3, "rank": 4, "seed": 0,
-                    "resolution": FAMS.resolution(family), "lora_name": name, "resume": True, "overwrite": True}}}
+    straight, _ = distilled(family)
+    name = f"cancel_{family}"
     runs, loras = comfy_base / "models" / "tdd_distill_runs", comfy_base / "models" / "loras"
-    status, body = server.queue(graph(f"cancel_{family}"))
+    status, body = server.queue(distill_graph(family, name, resume=True, pause_at_call=PAUSE_AT_CALL))
     assert status == 200, body
-    wait_for_rows(runs / f"cancel_{family}" / "log.csv", 3)
+    wait_for_rows(runs / name / "log.csv", 1)
     server._request("POST", "/interrupt", {})
     entry = server.wait(body["prompt_id"], timeout=300)
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
-    stopped_at = int((runs / f"cancel_{family}" / "latest").read_text().strip().split("-")[1])
-    assert 3 <= stopped_at < steps and not (loras / f"cancel_{family}.safetensors").exists()
-    server.run(graph(f"cancel_{family}"), timeout=600)                          # resume on
-    server.run(graph(f"straight_{family}"), timeout=600)
-    a, b = load_file(str(loras / f"cancel_{family}.safetensors")), load_file(str(loras / f"straight_{family}.safetensors"))
+    stopped_at = int((runs / name / "latest").read_text().strip().split("-")[1])
+    assert stopped_at == 1 and not (loras / f"{name}.safetensors").exists()
+    server.run(distill_graph(family, name, resume=True), timeout=600)                  # queued again: resumes
+    assert [int(r["step"]) for r in fx.read_log(runs / name)] == list(range(1, STEPS + 1))
+    a, b = load_file(str(loras / f"{name}.safetensors")), load_file(str(straight))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -208,6 +208,21 @@ def test_fingerprint_ignores_bookkeeping_but_not_semantics():
     assert fingerprint(a.fingerprint_fields("d", "other-teacher")) != fa
 
 
+@pytest.mark.parametrize("teacher_id, embedded", [("flux-0a1b", False), ("flux2-0a1b", True),
+                                                  ("hunyuanvideo-0a1b", True)])
+def test_fingerprint_holds_the_guidance_embedding_of_every_family_that_has_one(teacher_id, embedded):
+    """--flux-guidance steers the targets of every guidance-embedded teacher (FLUX.1 by its id, as its old
+    runs were fingerprinted; FLUX.2, HunyuanVideo... by the teacher's flag), so a resume must match it;
+    a CFG teacher's runs ignore it."""
+    def fp(guidance, embedding):
+        cfg = TrainConfig(teacher="x", data="y", flux_guidance=guidance)
+        return fingerprint(cfg.fingerprint_fields("d", teacher_id, embedded_guidance=embedding))
+    assert fp(3.5, embedded) != fp(5.0, embedded)
+    assert fp(3.5, False) == fp(5.0, False) or teacher_id.startswith("flux-")
+    assert fingerprint(TrainConfig(teacher="x", data="y").fingerprint_fields("d", "sd3-0a1b")) == \
+        fingerprint(TrainConfig(teacher="x", data="y", flux_guidance=5.0).fingerprint_fields("d", "sd3-0a1b"))
+
+
 def test_metadata_roundtrip(tmp_path):
     meta = build_metadata(base_arch="sdxl", method="tdd", kmin=4, kmax=8, training_steps=123, rank=64, alpha=8)
     path = tmp_path / "l.safetensors"

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from tdd_core import batch_stable_noise_sampler, item_seed, sample_tdd, tdd_timesteps
 
+from .data import same_length
 from .lora_format import atomic_save_safetensors, read_tdd_metadata, recommended_settings
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,11 @@ def pixel_mse(s: Sample, ref: Sample) -> torch.Tensor:
 
 
 def _lowpass(images: torch.Tensor) -> torch.Tensor:
-    """Images averaged over blocks of 1/16 of their shorter side: colour and layout, no texture."""
-    x = images.movedim(-1, 1)
+    """Images [B, H, W, 3] (or clips [B, T, H, W, 3]) averaged over blocks of 1/16 of their shorter side:
+    colour and layout, no texture. -> [B, ...] (each frame of a clip pooled alike)."""
+    x = images.reshape(-1, *images.shape[-3:]).movedim(-1, 1)
     k = max(1, min(x.shape[-2:]) // 16)
-    return F.avg_pool2d(x, k)
+    return F.avg_pool2d(x, k).reshape(images.shape[0], -1)
 
 
 def lowpass_mse(s: Sample, ref: Sample) -> torch.Tensor:
@@ -374,17 +376,20 @@ class Calibrator:
 
     def __init__(self, teacher, lora: Callable[[bool], ContextManager], captions: list[str], resolution: int,
                  seed: int = 0, batch: int = 16, reference_guidance: float | None = None,
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, frames: int = 1):
         self.teacher, self.lora, self.seed, self.batch = teacher, lora, int(seed), max(1, int(batch))
         self.monitor = monitor or Monitor()
         self.n = len(captions)
         ctx, pooled = teacher.encode_text(captions)
         ectx, epooled = teacher.encode_text([""])
+        # one length for the prompts and the empty prompt, which CFG batches (LLM encoders' lengths vary)
+        ctx, ectx = same_length(ctx, ectx)
         res = int(resolution)
         self.conds = [teacher.make_cond(ctx[i:i + 1], None if pooled is None else pooled[i:i + 1], res, res)
                       for i in range(self.n)]
         self.empty = teacher.make_cond(ectx, epooled, res, res)
-        self.shape = teacher.latent_shape(res)
+        # a video family is calibrated on clips of the trained length (5-D latents), as it will be sampled
+        self.shape = teacher.latent_shape(res) if frames == 1 else teacher.latent_shape(res, int(frames))
         self.reference_guidance = (teacher.default_reference_guidance() if reference_guidance is None
                                    else float(reference_guidance))
         self._ref: Sample | None = None
@@ -490,10 +495,11 @@ def calibrate_lora(teacher, lora: Callable[[bool], ContextManager], captions: li
                    method: str = "tdd", kmin: int = 4, kmax: int = 8, seed: int = 0,
                    criterion: str = DEFAULT_CRITERION, reference_guidance: float | None = None,
                    steps: tuple[int, ...] | None = None, search: str = "coordinate", batch: int = 16,
-                   plan: Plan | None = None, monitor: Monitor | None = None) -> Calibration:
+                   plan: Plan | None = None, monitor: Monitor | None = None, frames: int = 1) -> Calibration:
     """Calibrate one LoRA on ``teacher`` (the trainer at the end of a run, the CLI, the quality bench):
     the family's sweep (``steps`` overrides its step counts) around the method's own settings, whose
-    step count becomes the recommended one; or ``plan``'s sweep (:func:`plan_for_run`)."""
+    step count becomes the recommended one; or ``plan``'s sweep (:func:`plan_for_run`). ``frames``: the
+    clip length a video family samples (its latents are 5-D)."""
     rec_steps, rec_eta = _recommended(guidance_family(teacher), method, kmin, kmax)
     if plan is not None:
         sweep = plan.sweep
@@ -501,7 +507,7 @@ def calibrate_lora(teacher, lora: Callable[[bool], ContextManager], captions: li
         family = Sweep.for_family(guidance_family(teacher), method, steps)
         sweep = Sweep(family.steps, family.guidances, family.etas, search)
     calibrator = Calibrator(teacher, lora, captions, resolution, seed=seed, batch=batch,
-                            reference_guidance=reference_guidance, monitor=monitor)
+                            reference_guidance=reference_guidance, monitor=monitor, frames=frames)
     return calibrate(calibrator, sweep, criterion, rec_steps, rec_eta, plan)
 
 
@@ -544,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="a text file of prompts, one per line (default: generic prompts)")
     p.add_argument("--resolution", type=int, help="image size (default: the family's native size)")
     p.add_argument("--steps", type=int, nargs="+", help="step counts to calibrate (default 4 6 8)")
+    p.add_argument("--frames", type=int,
+                   help="clip length for a video family (default: the length the LoRA was trained on, else 1)")
     p.add_argument("--criterion", choices=sorted(CRITERIA), default=DEFAULT_CRITERION)
     p.add_argument("--search", choices=("coordinate", "grid"), default="coordinate")
     p.add_argument("--reference-guidance", type=float,
@@ -588,7 +596,8 @@ def main(argv=None) -> int:
     problem = (f"--lora {lora}: no such file" if not lora.is_file() else
                f"--out {out} is the LoRA itself: calibration writes a copy; choose another --out"
                if out.resolve() == lora.resolve() else
-               f"--prompts must be >= 1, got {args.prompts}" if args.prompts < 1 else None)
+               f"--prompts must be >= 1, got {args.prompts}" if args.prompts < 1 else
+               f"--frames must be >= 1, got {args.frames}" if args.frames is not None and args.frames < 1 else None)
     if problem:
         log.error("%s", problem)
         return 2
@@ -616,7 +625,8 @@ def main(argv=None) -> int:
             args.resolution or int(meta.get("tdd_resolution", 0) or 0) or teacher.native_resolution,
             method=method, kmin=kmin, kmax=kmax, seed=args.seed, criterion=args.criterion,
             reference_guidance=reference_guidance, batch=args.batch, plan=plan,
-            monitor=Monitor(plan.evaluations, progress))
+            monitor=Monitor(plan.evaluations, progress),
+            frames=args.frames or int(meta.get("tdd_frames", 1) or 1))
     recalibrated_copy(lora, out, result)
     log.info("wrote %s (the original %s is unchanged)", out, lora)
     return 0

@@ -168,13 +168,15 @@ class TrainConfig:
             bad(f"need --adv-weight >= 0 and --adv-lr > 0, got {self.adv_weight} and {self.adv_lr}")
         return self
 
-    def fingerprint_fields(self, dataset_id: str, teacher_id: str, precision: tuple[str, str] = ("fp32", "fp32")
-                           ) -> dict:
+    def fingerprint_fields(self, dataset_id: str, teacher_id: str, precision: tuple[str, str] = ("fp32", "fp32"),
+                           embedded_guidance: bool = False) -> dict:
         """Settings that change the training trajectory: a resumed run must match them all. ``precision``:
         the resolved (autocast, frozen-base) dtypes (:func:`trainer.loop.resolve_precision`), since ``auto``
         means different ones on different hardware. Not here, because they don't change the result: paths,
         --overwrite, --strict-data, workers, device, process count (the global batch is here), gradient
-        checkpointing, the cache, save/log/validation settings, --max-steps unless the schedule is cosine."""
+        checkpointing, the cache, save/log/validation settings, --max-steps unless the schedule is cosine.
+        ``embedded_guidance``: the teacher takes a guidance embedding (FLUX.1-dev, FLUX.2, HunyuanVideo...),
+        so --flux-guidance and its range steer the targets."""
         fields = {k: getattr(self, k) for k in (
             "method", "kmin", "kmax", "eta_max", "empty_prompt_prob", "teacher_guidance", "loss", "huber_c", "rank",
             "alpha", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
@@ -197,7 +199,7 @@ class TrainConfig:
                 fields[name] = dtype
         fields["dataset"] = dataset_id
         fields["teacher"] = teacher_id
-        if teacher_id.startswith("flux-"):
+        if embedded_guidance or teacher_id.startswith("flux-"):
             fields["flux_guidance"] = float(self.flux_guidance)
             fields["flux_guidance_range"] = None if self.flux_guidance_range is None else [
                 float(v) for v in self.flux_guidance_range]

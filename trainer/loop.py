@@ -331,7 +331,7 @@ class Run:
                                               weight_decay=adversarial.HEAD_WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.fields = cfg.fingerprint_fields(data.dataset_id(self.items), teacher.fingerprint,
-                                             (self.precision, self.base_dtype))
+                                             (self.precision, self.base_dtype), teacher.embedded_guidance)
         self.fp = fingerprint(self.fields)
         self.sharded = self._shard() if cfg.fsdp else False
         self.sampler = TargetSampler(cfg.method, cfg.kmin, cfg.kmax, cfg.eta_max)
@@ -625,7 +625,7 @@ class Run:
                     teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
                     self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
                     criterion=cfg.calibrate_criterion, reference_guidance=self.reference_guidance(), plan=plan,
-                    monitor=monitor)
+                    monitor=monitor, frames=cfg.frames)
         finally:
             bar.close()
 
@@ -650,6 +650,7 @@ class Run:
                               embedded_guidance=teacher.embedded_guidance,
                               extra={"tdd_teacher": teacher.name, "tdd_resolution": self.resolution,
                                      "tdd_guidance_kind": "embedding" if teacher.embedded_guidance else "cfg",
+                                     **({"tdd_frames": cfg.frames} if cfg.frames != 1 else {}),
                                      **{f"tdd_{k}": json.dumps(v) for k, v in self.skipped_summary().items()},
                                      "tdd_run_fingerprint": self.fp,
                                      **({"tdd_method": f"{cfg.method}-adv"} if cfg.adversarial else {}), **extra})

@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .families import FAMILIES
 from .families import build as build_family
+from .families import pause_until_cancelled
 from .tiny import build_tiny_sd15
 
 
@@ -43,13 +44,20 @@ class TDDTestFamilyModel(io.ComfyNode):
             description="Tiny random-weight MODEL/CLIP/VAE of SD3, FLUX.2, Qwen-Image, Lumina 2, Chroma, Wan 2.1, "
                         "HunyuanVideo or AuraFlow, from ComfyUI's own classes (test-only text encoder).",
             inputs=[io.Combo.Input("family", options=sorted(FAMILIES)),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1)],
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                    io.Int.Input("pause_at_call", default=0, min=0, max=10**6, optional=True,
+                                 tooltip="Test-only: the diffusion model's N-th forward call waits until the "
+                                         "prompt is cancelled (ComfyUI's /interrupt), so a test's Cancel lands "
+                                         "at a known point of a run; 0 = never.")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
-    def execute(cls, family: str, seed: int) -> io.NodeOutput:
-        return io.NodeOutput(*build_family(family, seed))
+    def execute(cls, family: str, seed: int, pause_at_call: int = 0) -> io.NodeOutput:
+        model, clip, vae = build_family(family, seed)
+        if pause_at_call:
+            pause_until_cancelled(model, pause_at_call)
+        return io.NodeOutput(model, clip, vae)
 
 
 class TDDTestExtension(ComfyExtension):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 
@@ -66,6 +67,10 @@ FAMILIES = {
                               "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": TEXT_DIM,
                               "max_seq": 256}, False, 32),
 }
+#: Families whose real text encoders (LLMs) give states as long as the prompt, with an attention mask:
+#: their test encoder does the same (the host's ``attention_mask`` output), where the others' states
+#: are padded to 77 tokens as their T5 and CLIP encoders pad.
+LLM_TEXT = {"flux2", "qwen_image", "lumina2", "hunyuan_video"}
 #: Families whose latents are 5-D (a frame axis): the tiny Wan video VAE encodes them.
 VIDEO_VAE = {"wan21", "qwen_image", "hunyuan_video"}
 #: Families that are video models (clips of several frames), as opposed to 5-D image latents (Qwen-Image).
@@ -114,12 +119,13 @@ def build_model(family: str, seed: int = 0, device: str = "cpu"):
 
 def build_clip(family: str, seed: int = 0):
     """The test text encoder: the host's SD1 CLIP classes (bundled tokenizer) with ``TEXT_DIM`` states;
-    the pooled output only for families that take one."""
+    the pooled output only for families that take one; for :data:`LLM_TEXT` families, the states of the
+    prompt's own tokens (not padded to 77) and their attention mask, as LLM encoders give them."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
 
-    pooled = FAMILIES[family][2]
+    pooled, llm = FAMILIES[family][2], family in LLM_TEXT
     text_config = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
                    "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": TEXT_DIM,
                    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 2 * TEXT_DIM,
@@ -130,11 +136,14 @@ def build_clip(family: str, seed: int = 0):
     class FamilyClipModel(comfy.sd1_clip.SDClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
             super().__init__(device=device, dtype=dtype, textmodel_json_config=dict(text_config),
-                             return_projected_pooled=False, model_options=model_options)
+                             return_projected_pooled=False, return_attention_masks=llm, model_options=model_options)
 
     class FamilyClip(comfy.sd1_clip.SD1ClipModel):
         def encode_token_weights(self, token_weight_pairs):
             out = super().encode_token_weights(token_weight_pairs)
+            if llm:  # an LLM's output: the prompt's own tokens (up to CLIP's end token), all unmasked
+                n = int(out[2]["attention_mask"].sum())
+                out = (out[0][:, :n], out[1], {**out[2], "attention_mask": out[2]["attention_mask"][:, :n]})
             return out if pooled else (out[0], None, *out[2:])
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, FamilyClip)
@@ -200,3 +209,25 @@ def build(family: str, seed: int = 0):
 
 def resolution(family: str) -> int:
     return FAMILIES[family][3]
+
+
+def pause_until_cancelled(patcher, call: int, timeout: float = 120.0) -> None:
+    """The diffusion model's ``call``-th forward (counted from 1, once) waits until ComfyUI's interrupt flag
+    is set (what the Cancel button's ``POST /interrupt`` does), then goes on: a test cancels a run at a
+    known point however fast or slow the machine is. Raises after ``timeout`` seconds without a cancel."""
+    import comfy.model_management as mm
+
+    calls = {"n": 0}
+
+    def hook(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] != call:
+            return None
+        log.info("test model: forward call %d waits for a cancel", call)
+        deadline = time.monotonic() + timeout
+        while not mm.processing_interrupted():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"test model: no cancel within {timeout:g} s of forward call {call}")
+            time.sleep(0.01)
+        return None
+    patcher.model.diffusion_model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -48,6 +48,9 @@ class Row:
     text_encoder: str | None = None
     #: How to give the family's missing parts (text encoders, VAE), for the error message.
     files_hint: str | None = None
+    #: Padded captions (the conditioning carries a text mask) are evaluated one sample at a time, each at
+    #: its own length without a mask: what the host does, which never pads a prompt.
+    text_per_sample: bool = False
 
 
 ROWS = (
@@ -64,6 +67,10 @@ ROWS = (
         "unshifted grid where the host's model_sampling shifts by resolution, T5 cut to the tokenizer's 256",
         lora="flux-peft", schedule="flux-unshifted", text_tokens=256, native_resolution=1024, defaults="flux",
         text_encoder="FluxClipModel", files_hint=FLUX_FILES_HINT),
+    Row("", ("HunyuanVideo", "HunyuanVideo15", "HunyuanImage21"), "ComfyUI 0.33's HunyuanVideo transformer (also "
+        "HunyuanVideo 1.5's and HunyuanImage 2.1's) averages the text states over every position, padding included, "
+        "and builds the text mask of one sample only: captions padded to a batch's longest run one at a time, each "
+        "at its own length", text_per_sample=True),
 )
 
 #: Families the trainer refuses by name, and why (the host's API would let them through but the
@@ -94,7 +101,8 @@ UNSUPPORTED_PREDICTIONS = {
 
 
 def row_for(config_name: str) -> Row | None:
-    """The table row for a ``model_config`` class name, or None (the generic route)."""
+    """The table row for a ``model_config`` class name, or None (the generic route). A row whose
+    ``family`` is empty keeps the generic name (the config's, lower-cased)."""
     for row in ROWS:
         if config_name in row.configs:
             return row
@@ -104,4 +112,4 @@ def row_for(config_name: str) -> Row | None:
 def family_name(config_name: str) -> str:
     """The trainer's name for a family (``tdd_base_arch``): the row's, else the host config's, lower-cased."""
     row = row_for(config_name)
-    return row.family if row is not None else config_name.lower()
+    return row.family if row is not None and row.family else config_name.lower()

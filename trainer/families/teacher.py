@@ -23,6 +23,8 @@ import logging
 
 import torch
 
+from tdd_core import table_index
+
 from ..algorithm import Cond, DiscreteSchedule
 from ..flow import FLUX_GUIDANCE, FlowSchedule, flow_sigmas
 from . import targets as tg
@@ -114,7 +116,7 @@ class Teacher:
             raise TeacherError(f"{name}: {problem}")
         config_name = type(model.model_config).__name__
         self.row: Row = row_for(config_name) or Row(family_name(config_name), (config_name,), "generic route")
-        self.arch = self.row.family
+        self.arch = family_name(config_name)
         self._check_parts(clip, vae)
         self.unet = model.diffusion_model
         self.latent_dims = int(getattr(model.latent_format, "latent_dimensions", 2))
@@ -131,6 +133,7 @@ class Teacher:
         if self.text_tokens == 256:  # the tokenizer's own padded length (T5 for FLUX)
             self.text_tokens = int(getattr(clip, "tokenizer_options", {}).get("t5xxl_min_length", 256))
         self._lora_paths = None
+        self._text_masks: bool | None = None   # the text encoder returns attention masks (known once it ran)
         self._check_conditioning()
         self._freeze()
         if self.row.inplace_residuals:
@@ -153,17 +156,18 @@ class Teacher:
 
     def _sigmas(self) -> torch.Tensor:
         """The trainer's 1000 noise levels (``k = 0..999``): the host's table (shift included) as it is when
-        it has 1000 levels, else every (N/1000)-th level of its N (FLUX-type sampling keeps 10000)."""
+        it has 1000 levels, else the levels TDD Scheduler samples a timestep at (``tdd_core.table_index``;
+        FLUX-type sampling keeps 10000)."""
         if self.row.schedule == "flux-unshifted":
             return flow_sigmas().float()
         sigmas = self.model.model_sampling.sigmas.detach().float().cpu()
         n = sigmas.numel()
         if n == 1000:
             return sigmas
-        if n < 1000 or n % 1000:
-            raise TeacherError(f"{self.name}: the trainer needs a noise table of 1000 levels or a multiple, the host's "
+        if n < 1000:
+            raise TeacherError(f"{self.name}: the trainer needs a noise table of at least 1000 levels, the host's "
                                f"has {n}")
-        return sigmas[n // 1000 - 1::n // 1000].contiguous()
+        return sigmas[[table_index(k, n) for k in range(1000)]].contiguous()
 
     def _check_conditioning(self) -> None:
         """Refuse (by name) a model whose conditioning needs more than a prompt: an image or mask
@@ -263,7 +267,21 @@ class Teacher:
         outputs; ``z`` is the VP latent for eps/v/EDM families, the flow state for flow families)."""
         sigma = self.sigmas[t.long().cpu()].to(z.device)
         with host_training() if torch.is_grad_enabled() else contextlib.nullcontext():
-            return self.model.apply_model(self._host_input(z, sigma), sigma, **self._kwargs(cond, z.shape[0]))
+            return self._apply(self._host_input(z, sigma), sigma, self._kwargs(cond, z.shape[0]))
+
+    def _apply(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The host's ``apply_model``. Where the row says so (:attr:`Row.text_per_sample`), conditioning with
+        a text mask (padded captions) runs one sample at a time, each with its unmasked text states only."""
+        mask = kwargs.get("attention_mask")
+        if not (self.row.text_per_sample and mask is not None):
+            return self.model.apply_model(x, sigma, **kwargs)
+        n, out = x.shape[0], []
+        for i in range(n):
+            one = {k: v[i:i + 1] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
+                   for k, v in kwargs.items() if k != "attention_mask"}
+            one["c_crossattn"] = one["c_crossattn"][:, mask[i].bool()]
+            out.append(self.model.apply_model(x[i:i + 1], sigma[i:i + 1], **one))
+        return torch.cat(out)
 
     def _kwargs(self, cond: Cond, n: int) -> dict:
         kwargs = cond.model_kwargs()
@@ -276,7 +294,7 @@ class Teacher:
     def denoiser(self, cond: Cond):
         """``model(x, sigma) -> x0`` in the host's space, for :func:`tdd_core.sample_tdd`."""
         def model(x, sigma, **_):
-            return self.model.apply_model(x, sigma, **self._kwargs(cond, x.shape[0]))
+            return self._apply(x, sigma, self._kwargs(cond, x.shape[0]))
         return model
 
     def guided_denoiser(self, cond: Cond, empty: Cond, scale: float):
@@ -292,8 +310,7 @@ class Teacher:
         both = cond.cat(empty.expand(n))
 
         def model(x, sigma, **_):
-            c, u = self.model.apply_model(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                          **self._kwargs(both, 2 * n)).chunk(2)
+            c, u = self._apply(torch.cat([x, x]), torch.cat([sigma, sigma]), self._kwargs(both, 2 * n)).chunk(2)
             return guided(c, u, scale)
         return model
 
@@ -357,13 +374,22 @@ class Teacher:
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per caption: text states [B, L, D] and pooled [B, P] (or None), L fixed per family so that
         captions batch: one 77-token chunk (SD rows), the tokenizer's padded length cut to
-        :attr:`text_tokens`, or (generic) the encoder's output padded with zeros to the longest."""
+        :attr:`text_tokens`, or (generic) the encoder's output padded with zeros to the longest.
+
+        Where the encoder also returns an attention mask (LLM encoders: HunyuanVideo's, LTX-Video's,
+        Lumina 2's...), the states it masks out are zeroed here, and :meth:`make_cond` gives the model
+        the mask of the non-zero states: the caption's own mask, with any padding masked too."""
         ctxs, pools = [], []
         for caption in captions:
             tokens = self.clip.tokenize(caption)
             if self.text_tokens == "first-chunk":
                 tokens = {k: v[:1] for k, v in tokens.items()}
-            ctx, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            ctx, pooled, mask = out["cond"], out.get("pooled_output"), out.get("attention_mask")
+            if self._text_masks is None:
+                self._text_masks = mask is not None and self._takes_mask(ctx, pooled)
+            if self._text_masks and mask is not None:
+                ctx = ctx * mask[..., :ctx.shape[1], None].to(ctx.dtype)
             if isinstance(self.text_tokens, int):
                 ctx = ctx[:, :self.text_tokens]
             ctxs.append(ctx.float().cpu())
@@ -373,7 +399,7 @@ class Teacher:
         pooled = None if any(p is None for p in pools) else torch.cat(pools)
         return torch.cat(ctxs), pooled
 
-    def _extra_conds(self, context, pooled, height: int, width: int, geometry) -> dict:
+    def _extra_conds(self, context, pooled, height: int, width: int, geometry, mask=None) -> dict:
         """The family's model conds for one sample, from its own ``extra_conds`` (as
         ``comfy.samplers.encode_model_conds`` calls it: noise, device, sizes; SDXL's crop)."""
         f = self.latent_factor if self.vae is not None else 8
@@ -382,11 +408,31 @@ class Teacher:
         oh, ow, top, left = geometry or (height, width, 0, 0)
         kwargs = dict(noise=noise, latent_image=noise, device=self.device, width=ow, height=oh, crop_h=top, crop_w=left,
                       target_height=height, target_width=width, cross_attn=context, prompt_type="positive")
+        if mask is not None:
+            kwargs["attention_mask"] = mask
         if pooled is not None:
             kwargs["pooled_output"] = pooled
         if self.embedded_guidance:
             kwargs["guidance"] = self.guidance
         return self.model.extra_conds(**kwargs)
+
+    @property
+    def text_masks(self) -> bool:
+        """Whether the model gets the text encoder's attention masks (:meth:`encode_text`): the encoder
+        returns them and the family's ``extra_conds`` takes one (HunyuanVideo, LTX-Video, Mochi, Cosmos...).
+        Where the model has no use for it (FLUX.2's, Qwen-Image's), the states stay as the host gives them."""
+        if self._text_masks is None:
+            self.encode_text([""])
+        return bool(self._text_masks)
+
+    def _takes_mask(self, context: torch.Tensor, pooled: torch.Tensor | None) -> bool:
+        """Does ``extra_conds`` turn an attention mask (one with a masked position) into a model input?"""
+        context = torch.nn.functional.pad(context.float(), (0, 0, 0, 1)).to(self.device)
+        pooled = None if pooled is None else pooled.float().to(self.device)
+        without = self._extra_conds(context, pooled, 64, 64, None)
+        mask = torch.ones(context.shape[:2], dtype=torch.long)
+        mask[:, -1] = 0
+        return set(self._extra_conds(context, pooled, 64, 64, None, mask.to(self.device))) != set(without)
 
     def make_cond(self, context: torch.Tensor, pooled: torch.Tensor | None, height: int, width: int,
                   geometry=None) -> Cond:
@@ -395,9 +441,13 @@ class Teacher:
         crop_top, crop_left)`` for size-conditioned families (SDXL; default: the whole image, uncropped)."""
         n = context.shape[0]
         geometry = geometry or [None] * n
+        masks = text_mask(context).to(self.device) if self.text_masks else None
+        if masks is not None and bool(masks.all()):
+            masks = None  # nothing masked: the same attention without one (the host's encoders drop it too)
         per_sample = [self._extra_conds(context[i:i + 1].to(self.device),
                                         None if pooled is None else pooled[i:i + 1].to(self.device),
-                                        height, width, geometry[i]) for i in range(n)]
+                                        height, width, geometry[i], None if masks is None else masks[i:i + 1])
+                      for i in range(n)]
         out = {}
         for key in per_sample[0]:
             if key == "c_concat":
@@ -472,6 +522,15 @@ class Teacher:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 latents -> images [B, H, W, 3] in [0, 1] (video: frames)."""
         return self.vae.decode(self.model.process_latent_out(x0.float().cpu())).float().clamp(0, 1).cpu()
+
+
+def text_mask(context: torch.Tensor) -> torch.Tensor:
+    """The attention mask [B, L] of text states [B, L, D] whose masked-out and padded positions are zero
+    (:meth:`Teacher.encode_text`): 1 where a state is non-zero, as the host's encoders give it (int64).
+    A caption with no state left keeps its first position (an all-masked row has no attention)."""
+    mask = context.ne(0).any(-1).long()
+    mask[mask.sum(1) == 0, 0] = 1
+    return mask
 
 
 class _PassThrough(torch.nn.Module):
