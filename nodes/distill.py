@@ -243,7 +243,7 @@ class TDDDistill(TDDNode):
             category="training",
             is_output_node=True,  # it writes models/loras/<lora_name>.safetensors
             description="Distil a Target-Driven Distillation LoRA from the loaded model (any family ComfyUI runs: SD1.5/"
-                        "SD2.x/SDXL, FLUX.1/FLUX.2, SD3, Qwen-Image, Lumina 2, Chroma, Wan, HunyuanVideo, ... docs/families.md) "
+                        "SD2.x/SDXL, FLUX.1/FLUX.2, SD3, Qwen-Image, Lumina 2, Z-Image, Chroma, Wan, HunyuanVideo, ... docs/families.md) "
                         "on a folder of captioned images, with the pack's trainer. Writes models/loras/<lora_name>"
                         ".safetensors; Cancel stops with a checkpoint that resume continues.",
             inputs=[

@@ -1,5 +1,5 @@
 """Every family through the host's own route (issue 26): tiny random-weight models of SD3, FLUX.2,
-Qwen-Image, Lumina 2, Chroma, Wan 2.1, HunyuanVideo and AuraFlow built from ComfyUI's own classes
+Qwen-Image, Lumina 2, Z-Image, Chroma, Wan 2.1, HunyuanVideo and AuraFlow built from ComfyUI's own classes
 (tests/tdd_test_nodes/families.py), distilled by the one generic Teacher (trainer/families/).
 
 Per family:
@@ -118,12 +118,12 @@ def test_the_trainer_evaluates_the_model_as_the_host_samples_it(family, host, bu
 
 def test_the_text_mask_goes_to_the_families_whose_model_takes_it(built):
     """The encoder's attention mask (and the zeroed states it masks) only where the family's extra_conds
-    takes one: Qwen-Image, HunyuanVideo, Lumina 2 (whose 0.33 transformer then ignores it); FLUX.2's model
+    takes one: Qwen-Image, HunyuanVideo, Lumina 2 and Z-Image (whose 0.33 transformer then ignores it); FLUX.2's model
     takes none, so its states stay as the host gives them; CLIP/T5-style encoders give no mask."""
     from trainer.models import from_components
 
     masked = {f for f in NAMES if from_components(*built(f), name=f).text_masks}
-    assert masked == {"hunyuan_video", "lumina2", "qwen_image"}
+    assert masked == {"hunyuan_video", "lumina2", "qwen_image", "zimage"}
 
 
 @pytest.mark.parametrize("family", ["hunyuan_video", "qwen_image"])

@@ -41,7 +41,7 @@ class TDDTestFamilyModel(io.ComfyNode):
             node_id="TDDTestFamilyModel",
             display_name="TDD test: tiny model of a family",
             category="_for_testing/tdd",
-            description="Tiny random-weight MODEL/CLIP/VAE of SD3, FLUX.2, Qwen-Image, Lumina 2, Chroma, Wan 2.1, "
+            description="Tiny random-weight MODEL/CLIP/VAE of SD3, FLUX.2, Qwen-Image, Lumina 2, Z-Image, Chroma, Wan 2.1, "
                         "HunyuanVideo or AuraFlow, from ComfyUI's own classes (test-only text encoder).",
             inputs=[io.Combo.Input("family", options=sorted(FAMILIES)),
                     io.Int.Input("seed", default=0, min=0, max=2**31 - 1),

@@ -48,6 +48,12 @@ FAMILIES = {
                             "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16,
                             "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": TEXT_DIM,
                             "axes_dims": [8, 12, 12], "axes_lens": [300, 64, 64]}, False, 32),
+    # (Z-Image's modulation needs a width of 256 or more)
+    "zimage": ("ZImage", {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "n_layers": 2,
+                          "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16,
+                          "ffn_dim_multiplier": 8.0 / 3.0, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": TEXT_DIM,
+                          "axes_dims": [32, 48, 48], "axes_lens": [300, 64, 64], "rope_theta": 256.0,
+                          "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}, False, 32),
     "chroma": ("Chroma", {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": TEXT_DIM,
                           "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1,
                           "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": 64,
@@ -70,7 +76,7 @@ FAMILIES = {
 #: Families whose real text encoders (LLMs) give states as long as the prompt, with an attention mask:
 #: their test encoder does the same (the host's ``attention_mask`` output), where the others' states
 #: are padded to 77 tokens as their T5 and CLIP encoders pad.
-LLM_TEXT = {"flux2", "qwen_image", "lumina2", "hunyuan_video"}
+LLM_TEXT = {"flux2", "qwen_image", "lumina2", "zimage", "hunyuan_video"}
 #: Families whose latents are 5-D (a frame axis): the tiny Wan video VAE encodes them.
 VIDEO_VAE = {"wan21", "qwen_image", "hunyuan_video"}
 #: Families that are video models (clips of several frames), as opposed to 5-D image latents (Qwen-Image).

@@ -82,7 +82,7 @@ def family_problem(model, sampling=None) -> str | None:
         why = UNSUPPORTED_PREDICTIONS.get(kind, "it is not eps, v, EDM or flow matching on a noise-level table")
         return (f"unsupported teacher {config_name} ({base_name}) with {kind or type(model.model_sampling).__name__} "
                 f"sampling: {why}; the trainer distils eps-, v-, EDM- and flow-matching models (SD1.5, SD2.x, SDXL, "
-                "FLUX.1-dev, SD3, FLUX.2, Qwen-Image, Lumina 2, Chroma, Wan, HunyuanVideo, AuraFlow...)")
+                "FLUX.1-dev, SD3, FLUX.2, Qwen-Image, Lumina 2, Z-Image, Chroma, Wan, HunyuanVideo, AuraFlow...)")
     row = row_for(config_name)
     if row is not None and row.family == "flux" and not model.model_config.unet_config.get("guidance_embed"):
         return f"{config_name} without a guidance embedding is not supported: {REFUSED['FluxSchnell']}"
