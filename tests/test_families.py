@@ -350,6 +350,33 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_calibrates(family, bui
     assert 0 < table["evaluations"] <= table["plan"]["planned_evaluations"]
 
 
+@pytest.mark.slow
+def test_fsdp_shards_a_transformer_family_and_equals_one_process(images, tmp_path):
+    """--fsdp on FLUX.2 (a guidance embedding; the host's double and single transformer blocks are the FSDP
+    units, with gradient checkpointing as a large family needs it): 2 CPU processes (gloo) with batch 1
+    each == 1 unsharded process with batch 2: the same loss curve and LoRA."""
+    import subprocess
+    import sys
+
+    from test_trainer_run import assert_same_run
+    from trainer.loop import train
+
+    res, out = FAMS.resolution("flux2"), tmp_path / "fsdp"
+    args = ["--teacher", f"{fx.REPO / 'tests' / 'trainer_fixtures.py'}:tiny_flux2", "--data", str(images),
+            "--out", str(out / "lora.safetensors"), "--run-dir", str(out / "run"), "--resolution", str(res),
+            "--rank", "4", "--alpha", "2", "--lr", "1e-3", "--max-steps", "3", "--batch-size", "1",
+            "--save-every", "3", "--device", "cpu", "--no-progress", "--num-workers", "0", "--no-calibrate",
+            "--fsdp", "--gradient-checkpointing"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(fx.REPO / "trainer" / "distill.py"), *args]
+    p = subprocess.run(cmd, env=fx.subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "the frozen base is sharded over 2 processes" in p.stderr, p.stderr[-3000:]
+    single = train(fx.train_config(images, tmp_path / "one", resolution=res, max_steps=3, batch_size=2,
+                                   save_every=3), components=FAMS.build("flux2", 0))
+    assert_same_run(out, tmp_path / "one", single["losses"])
+
+
 @pytest.mark.parametrize("family", NAMES)
 def test_tdd_lora_loader_gives_the_family_settings(family, host, distilled, built):
     """TDD LoRA Loader on the family's model with its distilled file: the recommended steps/eta/guidance

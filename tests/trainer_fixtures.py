@@ -35,6 +35,12 @@ def tiny_sd15(seed: int | None = None):
     return tiny_module().build_tiny_sd15(seed)
 
 
+def tiny_flux2():
+    """``--teacher`` factory: (ModelPatcher, CLIP, VAE) of the tiny FLUX.2 of tests/tdd_test_nodes/families.py."""
+    ensure_host("cpu")
+    return load_module(REPO / "tests" / "tdd_test_nodes" / "families.py", "tdd_test_families").build("flux2", 0)
+
+
 def make_images(folder, n: int = 4, size=(80, 64), captions: bool = True, seed: int = 0, jsonl: bool = False) -> Path:
     """``n`` procedural PNGs (gradients + a coloured square) with .txt captions (or a data.jsonl)."""
     from PIL import Image
