@@ -132,6 +132,7 @@ def test_padded_captions_are_masked(family, built):
     with a long one equals its prediction alone, as the host gives it: Qwen-Image masks the padding;
     HunyuanVideo (whose 0.33 transformer averages every text position and masks one sample only) runs
     such a batch one sample at a time, each at its own length (its row in trainer/families/table.py)."""
+    from trainer.data import same_length
     from trainer.models import from_components
 
     teacher = from_components(*built(family), name=family)
@@ -146,6 +147,17 @@ def test_padded_captions_are_masked(family, built):
         both = teacher.x0(z, t, teacher.make_cond(ctx, pooled, res, res))
         alone = teacher.x0(z[:1], t[:1], teacher.make_cond(alone_ctx, alone_pooled, res, res))
     torch.testing.assert_close(both[:1], alone, rtol=1e-4, atol=1e-5)
+    # a caption with nothing padded batches with the padded empty prompt (CFG's batch, the empty-prompt draws)
+    long_ctx, e_ctx = same_length(ctx[1:], teacher.encode_text([""])[0])
+    e_pooled = None if pooled is None else teacher.encode_text([""])[1]
+    cond, uncond = (teacher.make_cond(long_ctx, None if pooled is None else pooled[1:], res, res),
+                    teacher.make_cond(e_ctx, e_pooled, res, res))
+    with torch.no_grad():
+        batched = teacher.x0(z, t, cond.cat(uncond))
+        apart = torch.cat([teacher.x0(z[:1], t[:1], cond), teacher.x0(z[1:], t[1:], uncond)])
+        drawn = teacher.x0(z[1:], t[1:], cond.where(torch.tensor([True]), uncond))
+    torch.testing.assert_close(batched, apart, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(drawn, apart[1:], rtol=1e-4, atol=1e-5)
 
 
 def test_generic_path_gives_the_old_path_lora(tmp_path):

@@ -133,7 +133,8 @@ class Teacher:
         if self.text_tokens == 256:  # the tokenizer's own padded length (T5 for FLUX)
             self.text_tokens = int(getattr(clip, "tokenizer_options", {}).get("t5xxl_min_length", 256))
         self._lora_paths = None
-        self._text_masks: bool | None = None   # the text encoder returns attention masks (known once it ran)
+        self._text_masks: bool | None = None   # the model gets text masks (known once the encoder ran)
+        self._mask_keys: tuple[str, ...] = ()   # the model inputs extra_conds makes of a text mask
         self._check_conditioning()
         self._freeze()
         if self.row.inplace_residuals:
@@ -270,15 +271,18 @@ class Teacher:
             return self._apply(self._host_input(z, sigma), sigma, self._kwargs(cond, z.shape[0]))
 
     def _apply(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The host's ``apply_model``. Where the row says so (:attr:`Row.text_per_sample`), conditioning with
-        a text mask (padded captions) runs one sample at a time, each with its unmasked text states only."""
-        mask = kwargs.get("attention_mask")
-        if not (self.row.text_per_sample and mask is not None):
+        """The host's ``apply_model``. Where the row says so (:attr:`Row.text_per_sample`), the text mask is
+        left out when nothing is masked, and padded captions run one sample at a time, each with its own
+        text states only (as the host evaluates a prompt)."""
+        if not (self.row.text_per_sample and self._mask_keys):
+            return self.model.apply_model(x, sigma, **kwargs)
+        mask = kwargs.get(self._mask_keys[0])
+        kwargs = {k: v for k, v in kwargs.items() if k not in self._mask_keys}
+        if mask is None or bool(mask.all()):
             return self.model.apply_model(x, sigma, **kwargs)
         n, out = x.shape[0], []
         for i in range(n):
-            one = {k: v[i:i + 1] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
-                   for k, v in kwargs.items() if k != "attention_mask"}
+            one = {k: v[i:i + 1] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in kwargs.items()}
             one["c_crossattn"] = one["c_crossattn"][:, mask[i].bool()]
             out.append(self.model.apply_model(x[i:i + 1], sigma[i:i + 1], **one))
         return torch.cat(out)
@@ -426,13 +430,21 @@ class Teacher:
         return bool(self._text_masks)
 
     def _takes_mask(self, context: torch.Tensor, pooled: torch.Tensor | None) -> bool:
-        """Does ``extra_conds`` turn an attention mask (one with a masked position) into a model input?"""
+        """Does ``extra_conds`` pass an attention mask (one with a masked position) on to the model as it is?
+        The model inputs it makes of it are remembered (:meth:`make_cond` gives them every sample's mask)."""
         context = torch.nn.functional.pad(context.float(), (0, 0, 0, 1)).to(self.device)
         pooled = None if pooled is None else pooled.float().to(self.device)
         without = self._extra_conds(context, pooled, 64, 64, None)
         mask = torch.ones(context.shape[:2], dtype=torch.long)
         mask[:, -1] = 0
-        return set(self._extra_conds(context, pooled, 64, 64, None, mask.to(self.device))) != set(without)
+        with_mask = self._extra_conds(context, pooled, 64, 64, None, mask.to(self.device))
+        keys = []
+        for key in sorted(set(with_mask) - set(without)):
+            value = with_mask[key].process_cond(batch_size=1, area=None, device=self.device).cond
+            if torch.is_tensor(value) and value.shape == mask.shape and torch.equal(value.long().cpu(), mask):
+                keys.append(key)
+        self._mask_keys = tuple(keys)
+        return bool(keys)
 
     def make_cond(self, context: torch.Tensor, pooled: torch.Tensor | None, height: int, width: int,
                   geometry=None) -> Cond:
@@ -441,13 +453,9 @@ class Teacher:
         crop_top, crop_left)`` for size-conditioned families (SDXL; default: the whole image, uncropped)."""
         n = context.shape[0]
         geometry = geometry or [None] * n
-        masks = text_mask(context).to(self.device) if self.text_masks else None
-        if masks is not None and bool(masks.all()):
-            masks = None  # nothing masked: the same attention without one (the host's encoders drop it too)
         per_sample = [self._extra_conds(context[i:i + 1].to(self.device),
                                         None if pooled is None else pooled[i:i + 1].to(self.device),
-                                        height, width, geometry[i], None if masks is None else masks[i:i + 1])
-                      for i in range(n)]
+                                        height, width, geometry[i]) for i in range(n)]
         out = {}
         for key in per_sample[0]:
             if key == "c_concat":
@@ -457,6 +465,11 @@ class Teacher:
                             for conds in per_sample]
             value = first.concat(rest) if rest else first.cond
             out[key] = value.to(self.device) if torch.is_tensor(value) else value
+        if self.text_masks:
+            # every sample's mask under the keys extra_conds gives it, also when nothing is masked (the
+            # conditionings of one teacher then batch together: CFG's, the empty-prompt draws')
+            masks = text_mask(context).to(self.device)
+            out.update({key: masks for key in self._mask_keys})
         context_out = out.pop("c_crossattn")
         y = out.pop("y", None)
         guidance = out.pop("guidance", None)  # CFG families: a fixed value the host passes (Chroma's 0) stays
