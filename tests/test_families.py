@@ -18,6 +18,7 @@ and a model the trainer can't serve is refused by name before any work.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,33 @@ def distilled(server, comfy_base, images):
             cache[family] = (path, fx.read_log(comfy_base / "models" / "tdd_distill_runs" / name))
         return cache[family]
     return get
+
+
+@pytest.mark.parametrize("family, sampling, expected", [
+    ("wan21_i2v", None, r"WAN21_I2V is not supported: it concatenates an image or mask to its input"),
+    ("flux2", "x0", r"unsupported teacher Flux2 \(Flux2\) with X0 sampling: x0 prediction .* already a few-step"),
+    ("hunyuan_video", "lcm", r"unsupported teacher HunyuanVideo .* LCM sampling .* already distilled"),
+])
+def test_an_unsupported_family_is_refused_by_name_over_http_before_any_work(family, sampling, expected, server,
+                                                                           comfy_base, images):
+    """TDD Distill on a model it can't serve, over HTTP: Wan 2.1 image-to-video (its input needs an image), and
+    transformer families switched to an already-distilled parameterisation by the stock ModelSamplingDiscrete
+    node. The error names the model and why, nothing is written, and the server goes on serving."""
+    from harness import ComfyError, execution_error
+
+    name = f"refused_{family}_{sampling}"
+    graph = distill_graph(family, name)
+    if sampling:
+        graph["3"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": sampling,
+                                                                        "zsnr": False}}
+        graph["2"]["inputs"]["model"] = ["3", 0]
+    with pytest.raises(ComfyError) as exc:
+        server.run(graph, timeout=600)
+    message = execution_error(exc.value.detail)["exception_message"]
+    assert re.search(expected, message), message
+    assert not (comfy_base / "models" / "tdd_distill_runs" / name).exists()
+    assert not (comfy_base / "models" / "loras" / f"{name}.safetensors").exists()
+    assert server.system_stats()["system"]                                   # the server goes on serving
 
 
 @pytest.mark.parametrize("family", NAMES)

@@ -6,7 +6,7 @@ Installed by symlink into a test base directory's ``custom_nodes/``.  Provides
 """
 from comfy_api.latest import ComfyExtension, io
 
-from .families import FAMILIES
+from .families import FAMILIES, UNSUPPORTED
 from .families import build as build_family
 from .families import pause_until_cancelled
 from .tiny import build_tiny_sd15
@@ -42,8 +42,9 @@ class TDDTestFamilyModel(io.ComfyNode):
             display_name="TDD test: tiny model of a family",
             category="_for_testing/tdd",
             description="Tiny random-weight MODEL/CLIP/VAE of SD3, FLUX.2, Qwen-Image, Lumina 2, Z-Image, Chroma, Wan 2.1, "
-                        "HunyuanVideo or AuraFlow, from ComfyUI's own classes (test-only text encoder).",
-            inputs=[io.Combo.Input("family", options=sorted(FAMILIES)),
+                        "HunyuanVideo or AuraFlow (or Wan 2.1 image-to-video, which the trainer refuses), from "
+                        "ComfyUI's own classes (test-only text encoder).",
+            inputs=[io.Combo.Input("family", options=sorted(FAMILIES) + sorted(UNSUPPORTED)),
                     io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                     io.Int.Input("pause_at_call", default=0, min=0, max=10**6, optional=True,
                                  tooltip="Test-only: the diffusion model's N-th forward call waits until the "

@@ -73,12 +73,17 @@ FAMILIES = {
                               "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": TEXT_DIM,
                               "max_seq": 256}, False, 32),
 }
+#: Tiny models of families the trainer refuses (same fields as FAMILIES): Wan 2.1 image-to-video, whose
+#: input concatenates an image latent (its conditioning needs more than a prompt).
+UNSUPPORTED = {
+    "wan21_i2v": ("WAN21_I2V", dict(FAMILIES["wan21"][1], model_type="i2v", in_dim=36), False, 16),
+}
 #: Families whose real text encoders (LLMs) give states as long as the prompt, with an attention mask:
 #: their test encoder does the same (the host's ``attention_mask`` output), where the others' states
 #: are padded to 77 tokens as their T5 and CLIP encoders pad.
 LLM_TEXT = {"flux2", "qwen_image", "lumina2", "zimage", "hunyuan_video"}
 #: Families whose latents are 5-D (a frame axis): the tiny Wan video VAE encodes them.
-VIDEO_VAE = {"wan21", "qwen_image", "hunyuan_video"}
+VIDEO_VAE = {"wan21", "wan21_i2v", "qwen_image", "hunyuan_video"}
 #: Families that are video models (clips of several frames), as opposed to 5-D image latents (Qwen-Image).
 VIDEO = {"wan21", "hunyuan_video"}
 
@@ -112,7 +117,7 @@ def build_model(family: str, seed: int = 0, device: str = "cpu"):
     import comfy.model_patcher
     import comfy.supported_models
 
-    config_name, unet_config, _, _ = FAMILIES[family]
+    config_name, unet_config, _, _ = spec(family)
     config = getattr(comfy.supported_models, config_name)(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "model.", device=torch.device(device))
@@ -131,7 +136,7 @@ def build_clip(family: str, seed: int = 0):
     import comfy.sd1_clip
     import comfy.supported_models_base
 
-    pooled, llm = FAMILIES[family][2], family in LLM_TEXT
+    pooled, llm = spec(family)[2], family in LLM_TEXT
     text_config = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
                    "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": TEXT_DIM,
                    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 2 * TEXT_DIM,
@@ -205,7 +210,7 @@ def _fill_vae(module: torch.nn.Module, seed: int) -> None:
 def _latent_channels(family: str) -> int:
     import comfy.supported_models
 
-    return int(getattr(comfy.supported_models, FAMILIES[family][0]).latent_format.latent_channels)
+    return int(getattr(comfy.supported_models, spec(family)[0]).latent_format.latent_channels)
 
 
 def build(family: str, seed: int = 0):
@@ -214,7 +219,12 @@ def build(family: str, seed: int = 0):
 
 
 def resolution(family: str) -> int:
-    return FAMILIES[family][3]
+    return spec(family)[3]
+
+
+def spec(family: str) -> tuple:
+    """(host config class, unet_config, takes a pooled vector, test resolution) of a supported or refused family."""
+    return FAMILIES[family] if family in FAMILIES else UNSUPPORTED[family]
 
 
 def pause_until_cancelled(patcher, call: int, timeout: float = 120.0) -> None:
