@@ -67,8 +67,8 @@ ROWS = (
         "unshifted grid where the host's model_sampling shifts by resolution, T5 cut to the tokenizer's 256",
         lora="flux-peft", schedule="flux-unshifted", text_tokens=256, native_resolution=1024, defaults="flux",
         text_encoder="FluxClipModel", files_hint=FLUX_FILES_HINT),
-    Row("", ("HunyuanVideo", "HunyuanVideo15", "HunyuanImage21"), "ComfyUI 0.33's HunyuanVideo transformer (also "
-        "HunyuanVideo 1.5's and HunyuanImage 2.1's) averages the text states over every position, padding included, "
+    Row("", ("HunyuanVideo", "HunyuanImage21"), "ComfyUI 0.33's HunyuanVideo transformer (also HunyuanImage 2.1's) "
+        "averages the text states over every position, padding included, "
         "and builds the text mask of one sample only: captions padded to a batch's longest run one at a time, each "
         "at its own length", text_per_sample=True),
 )
