@@ -181,8 +181,8 @@ class Teacher:
             concat = e
         if concat is not None:
             raise TeacherError(f"{self.name}: {type(self.model.model_config).__name__} is not supported: it "
-                               "concatenates an image or mask to its input (inpainting/instruct/image-to-video); "
-                               "use the text-to-image/video model")
+                               "concatenates an image or mask to its input (inpainting/instruct/image-to-video, "
+                               "HunyuanVideo 1.5), which the trainer does not supply; use a text-to-image/video model")
 
     def _freeze(self) -> None:
         self.device = torch.device("cpu")
