@@ -353,7 +353,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_calibrates(family, bui
     """The trainer's stop request at step 2 (what ComfyUI's Cancel triggers in TDD Distill), then resume:
     the same LoRA as 4 uninterrupted steps, and the same calibration (on at the budget rule's floor). The
     calibration sweeps the family's kind of guidance (the embedding's values for FLUX.2/HunyuanVideo, CFG
-    scales otherwise) and counts one model pass per embedded-guidance sample, two per CFG sample."""
+    scales otherwise)."""
     from trainer import calibrate
     from trainer.lora_format import read_header_metadata
     from trainer.loop import train
