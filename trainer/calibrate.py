@@ -575,13 +575,19 @@ GENERIC_PROMPTS = (
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int):
-    """A tqdm bar in model evaluations -> its ``progress(done, total)`` callback."""
+def progress_bar(total: int, disable: bool = False, also: Callable[[int, int], None] | None = None):
+    """A tqdm bar in model evaluations -> its ``progress(done, total)`` callback (for :class:`Monitor`),
+    which calls ``also(done, total)`` too (a host's own progress display)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="calibrate", unit="eval", unit_scale=True)
+    bar = tqdm(total=total, disable=disable, desc="calibrate", unit="eval", unit_scale=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+        if also is not None:
+            also(done, total)
     try:
-        yield lambda done, _total: bar.update(done - bar.n)
+        yield progress
     finally:
         bar.close()
 
@@ -618,7 +624,7 @@ def main(argv=None) -> int:
     plan = plan_for_run(guidance_family(teacher), method, kmin, kmax, 0, reference_guidance, prompts=args.prompts,
                         steps=tuple(args.steps) if args.steps else None, search=args.search)
     log.info("calibrating: %s", plan.describe())
-    with _progress_bar(plan.evaluations) as progress:
+    with progress_bar(plan.evaluations) as progress:
         result = calibrate_lora(
             teacher, lambda on: teacher.lora_file_applied(lora) if on else contextlib.nullcontext(),
             held_out_captions([c for c in captions if c.strip()], plan.prompts, args.seed),

@@ -180,6 +180,19 @@ def frame_paths(folder: str) -> list[str]:
     return [str(f) for f in sorted(Path(folder).iterdir()) if f.suffix.lower() in IMAGE_EXTS]
 
 
+def video_size_and_frames(path: str) -> tuple[tuple[int, int], int]:
+    """((height, width), frame count) of a video file, decoding it with PyAV without keeping its frames."""
+    import av
+
+    size, count = (0, 0), 0
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            if not count:
+                size = (frame.height, frame.width)
+            count += 1
+    return size, count
+
+
 def decode_video(path: str, frames: int | None = None) -> list[np.ndarray]:
     """The first ``frames`` (all: None) RGB frames of a video file, with PyAV."""
     import av
@@ -204,12 +217,12 @@ def inspect_item(path: str) -> tuple[tuple[int, int] | None, str | None, int]:
         return size, None, len(frames)
     if Path(path).suffix.lower() in VIDEO_EXTS:
         try:
-            decoded = decode_video(path)
+            size, count = video_size_and_frames(path)
         except Exception as e:  # av raises its own error types for broken containers
             return None, f"not a video PyAV can decode ({type(e).__name__}: {e})", 0
-        if not decoded:
+        if not count:
             return None, "a video without frames", 0
-        return decoded[0].shape[:2], None, len(decoded)
+        return size, None, count
     size, problem = inspect_image(path)
     return size, problem, 1 if problem is None else 0
 
@@ -244,18 +257,16 @@ def load_image(path: str, resolution: int, multiple: int = 8) -> torch.Tensor:
     """[3, R, W'] (or [3, H', R]) in [0, 1]: shorter side resized to R (antialiased, kornia), the longer side
     trimmed at its end to a multiple of ``multiple`` (the VAE's pixels per latent cell). Not cropped square:
     the crop is taken per sample in latent space (:meth:`TrainData.fetch`)."""
-    import kornia
+    x = torch.from_numpy(_read_rgb(path)).permute(2, 0, 1).float().div(255.0)[None]
+    return _resized(x, resolution, multiple)[0]
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        arr = np.asarray(im, dtype=np.uint8).copy()
-    x = torch.from_numpy(arr).permute(2, 0, 1).float().div(255.0)[None]
-    h, w = x.shape[-2:]
-    if min(h, w) != resolution:
-        x = kornia.geometry.transform.resize(x, resolution, side="short", antialias=True)
-    h, w = x.shape[-2:]
-    return x[0, :, :h // multiple * multiple, :w // multiple * multiple].clamp(0, 1)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def _resized(x: torch.Tensor, resolution: int, multiple: int) -> torch.Tensor:
@@ -272,13 +283,8 @@ def _resized(x: torch.Tensor, resolution: int, multiple: int) -> torch.Tensor:
 def load_clip(path: str, resolution: int, frames: int, multiple: int = 8) -> torch.Tensor:
     """[3, T, R, W'] in [0, 1]: the first ``frames`` frames of a video file or frame folder (an image is a
     1-frame clip), each resized as :func:`load_image` does."""
-    from PIL import Image
-
     if os.path.isdir(path):
-        arrays = []
-        for f in frame_paths(path)[:frames]:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        arrays = [_read_rgb(f) for f in frame_paths(path)[:frames]]
     elif Path(path).suffix.lower() in VIDEO_EXTS:
         arrays = decode_video(path, frames)
     else:

@@ -600,7 +600,6 @@ class Run:
         data's captions with fresh noises, the student (LoRA on) against the teacher (LoRA off), at
         the cost the budget rule allows. A stop request (:meth:`request_stop`, SIGTERM) raises
         :class:`trainer.calibrate.CalibrationStopped` at the next model evaluation."""
-        from tqdm.auto import tqdm
         cfg, teacher = self.cfg, self.teacher
         if not cfg.calibrate:
             return None
@@ -608,26 +607,16 @@ class Run:
         if self.main:
             self._announce(plan, seconds_per_step)
         captions = calibrate.held_out_captions([it.caption for it in self.items], plan.prompts, cfg.seed)
-        bar = tqdm(total=plan.evaluations, disable=not (cfg.progress and self.main), desc="calibrate", unit="eval",
-                   unit_scale=True)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-            if self.on_calibration is not None:
-                self.on_calibration(self, done, total)
-
+        host = None if self.on_calibration is None else (lambda done, total: self.on_calibration(self, done, total))
         # sharded: every process must stop at the same evaluation (each is collective), so they agree first
         stop = (lambda: self.ddp.any(self.stop.set)) if self.sharded else (lambda: self.stop.set)
-        monitor = calibrate.Monitor(plan.evaluations, progress, stop)
-        try:
-            with self.autocast:
-                return calibrate.calibrate_lora(
-                    teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
-                    self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
-                    criterion=cfg.calibrate_criterion, reference_guidance=self.reference_guidance(), plan=plan,
-                    monitor=monitor, frames=cfg.frames)
-        finally:
-            bar.close()
+        with calibrate.progress_bar(plan.evaluations, not (cfg.progress and self.main), host) as progress, \
+                self.autocast:
+            return calibrate.calibrate_lora(
+                teacher, lambda on: contextlib.nullcontext() if on else self.network.disabled(), captions,
+                self.resolution, method=cfg.method, kmin=cfg.kmin, kmax=cfg.kmax, seed=cfg.seed,
+                criterion=cfg.calibrate_criterion, reference_guidance=self.reference_guidance(), plan=plan,
+                monitor=calibrate.Monitor(plan.evaluations, progress, stop), frames=cfg.frames)
 
     def finish(self, run_seconds: float | None = None, seconds_per_step: float | None = None) -> None:
         """Calibrate, then write the output LoRA (kohya keys, ``tdd_*`` metadata) on the main process
